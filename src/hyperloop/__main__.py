@@ -1,0 +1,5 @@
+import sys
+
+from hyperloop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""Hyper-connections: n parallel residual streams mixed by small input-dependent matrices.
+
+One site (spec 2b for mHC, 2d for Hyperloop), for streams y of shape (..., n, C):
+
+    z      = RMSNorm(flatten(y))                          no learned weight: W_* absorb it
+    H_pre  = sigmoid(a_pre  * (W_pre  z) + b_pre)         (..., n)
+    H_post = 2 sigmoid(a_post * (W_post z) + b_post)      (..., n)
+    H_res  = diagonal: diag(sigmoid(a_res * (W_res z) + b_res))
+             sinkhorn: sinkhorn(a_res * reshape(W_res z) + b_res)   (doubly stochastic)
+             identity: I
+    y'     = H_res y + H_post (F(H_pre y) + e)            e: loop position embedding (Hyperloop only)
+
+W_pre, W_post, W_res are stored stacked in one matrix so the three projections are one matmul.
+The mixing coefficients are computed in fp32 whatever the activation dtype.
+
+Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
+H_pre = 1/n makes H_pre y the plain residual stream. When F is a bare sub-layer (mHC), H_res = I
+and H_post = 1 then give exactly y + F(y): a plain Transformer. When F is a whole middle block that
+keeps its own residuals (Hyperloop), F(x) = x + delta already contains x, so H_res = H_post = 1/2
+makes one loop map s -> s + delta/2 instead of 2s + delta (the scale pitfall of spec 2d). a_* start
+at 0.01 so the input-dependent part starts small but trainable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALPHA_INIT = 0.01
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """exp(logits) projected towards the doubly stochastic matrices by alternating row and column
+    normalisation, done in the log domain so large logits cannot overflow. Ends on columns."""
+    log_p = logits.float()
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows sum to 1
+        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns sum to 1
+    return log_p.exp()
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+class HyperConnection(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_streams: int,
+        h_res: str,
+        sinkhorn_iters: int = 20,
+        wraps_residual: bool = False,
+        loop_embedding: bool = False,
+    ):
+        super().__init__()
+        self.dim, self.n, self.h_res, self.sinkhorn_iters = dim, n_streams, h_res, sinkhorn_iters
+        self.wraps_residual = wraps_residual
+        n = n_streams
+        self.res_rows = {"sinkhorn": n * n, "diagonal": n, "identity": 0}[h_res]
+        rows = 2 * n + self.res_rows
+        self.weight = nn.Parameter(torch.empty(rows, n * dim))  # [W_pre; W_post; W_res]
+        self.bias = nn.Parameter(torch.empty(rows))  # [b_pre; b_post; b_res]
+        self.alpha = nn.Parameter(torch.empty(3 if self.res_rows else 2))  # a_pre, a_post(, a_res)
+        self.embedding = nn.Parameter(torch.zeros(dim)) if loop_embedding else None  # e_l
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        n = self.n
+        # z has unit RMS, so this std gives W z unit variance; a = 0.01 then keeps it a perturbation.
+        nn.init.normal_(self.weight, std=(n * self.dim) ** -0.5)
+        nn.init.constant_(self.alpha, ALPHA_INIT)
+        res_keep = 0.5 if self.wraps_residual else 1.0  # diagonal H_res at init
+        post = 0.5 if self.wraps_residual else 1.0  # H_post at init
+        b_pre = torch.full((n,), _logit(1.0 / n))
+        b_post = torch.full((n,), _logit(post / 2))
+        if self.h_res == "diagonal":
+            b_res = torch.full((n,), _logit(res_keep))
+        elif self.h_res == "sinkhorn":  # close to the identity: diagonal logits 4 above the rest
+            b_res = 4.0 * torch.eye(n).flatten()
+        else:
+            b_res = torch.zeros(0)
+        with torch.no_grad():
+            self.bias.copy_(torch.cat([b_pre, b_post, b_res]))
+            if self.embedding is not None:
+                self.embedding.zero_()
+
+    def coefficients(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """H_pre (..., n), H_post (..., n), H_res ((..., n) diagonal, (..., n, n) sinkhorn, None identity)."""
+        n = self.n
+        z = F.rms_norm(y.flatten(-2).float(), (n * self.dim,))
+        split = [n, n, self.res_rows]
+        with torch.autocast(y.device.type, enabled=False):  # keep the tiny projection in fp32
+            pre, post, res = F.linear(z, self.weight.float()).split(split, dim=-1)
+        b_pre, b_post, b_res = self.bias.float().split(split)
+        a = self.alpha.float()
+        h_pre = torch.sigmoid(a[0] * pre + b_pre)
+        h_post = 2.0 * torch.sigmoid(a[1] * post + b_post)
+        if self.res_rows:
+            res = a[2] * res + b_res
+        if self.h_res == "diagonal":
+            h_res = torch.sigmoid(res)
+        elif self.h_res == "sinkhorn":
+            h_res = sinkhorn(res.unflatten(-1, (n, n)), self.sinkhorn_iters)
+        else:
+            h_res = None
+        return h_pre, h_post, h_res
+
+    def read(self, y: torch.Tensor):
+        """Start a site: the branch input H_pre y and the coefficients to finish it with."""
+        coeffs = self.coefficients(y)
+        x = torch.einsum("...n,...nc->...c", coeffs[0], y.float())
+        return x.type_as(y), coeffs
+
+    def write(self, y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
+        """Finish a site: H_res y + H_post (out + e)."""
+        _, h_post, h_res = coeffs
+        if self.embedding is not None:
+            out = out + self.embedding
+        if self.h_res == "identity":
+            kept = y
+        elif self.h_res == "diagonal":  # one gate per stream
+            kept = h_res.unsqueeze(-1) * y
+        else:  # dense doubly stochastic mixing of the streams
+            kept = torch.einsum("...ij,...jc->...ic", h_res, y.float())
+        return (kept + h_post.unsqueeze(-1) * out.unsqueeze(-2)).type_as(y)
+
+    def forward(self, y: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        x, coeffs = self.read(y)
+        return self.write(y, branch(x), coeffs)
+
+
+def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., C) -> (..., n, C): the streams start as n copies of the residual stream."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+
+
+def merge_streams(y: torch.Tensor) -> torch.Tensor:
+    """(..., n, C) -> (..., C): average the streams."""
+    return y.mean(dim=-2)

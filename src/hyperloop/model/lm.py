@@ -1,0 +1,176 @@
+"""The one language model class for all four architectures.
+
+A model is a *plan*: begin layers, middle layers run `num_loops` times with shared weights, end
+layers (spec 2c). Hyper-connections sit where `cfg.hc_placement` says:
+- "none":     plain residual stream (Transformer, Looped).
+- "sublayer": n streams from the embedding to the final norm, an mHC site around every attention
+              and MLP sub-layer of every unrolled layer (spec 2b).
+- "span":     n streams from the end of the begin block to the start of the end block, one site
+              around every `cfg.span` unrolled middle layers: by default one per loop (Hyperloop,
+              spec 2d), each with its own loop position embedding e_l.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperloop.config import ModelConfig
+from hyperloop.errors import HyperloopError
+from hyperloop.model.hyper import HyperConnection, expand_streams, merge_streams
+from hyperloop.model.layers import Block, LoopLoRA, RMSNorm, RotaryEmbedding
+
+
+class Step(NamedTuple):
+    """One unrolled layer execution."""
+
+    layer: int  # index into model.layers (the weights)
+    loop: int | None  # loop iteration for middle layers, None for begin/end layers
+    index: int  # position in the unrolled plan: the KV-cache slot and the mHC site pair
+
+
+class HyperloopLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.lora_rank:
+            for layer in self.middle_layers():
+                layer.attn.add_lora(cfg.num_loops, cfg.lora_rank)
+                layer.mlp.add_lora(cfg.num_loops, cfg.lora_rank)
+        span = cfg.hc_placement == "span"
+        self.hc = nn.ModuleList(
+            HyperConnection(cfg.dim, cfg.n_streams, cfg.h_res, cfg.sinkhorn_iters,
+                            wraps_residual=span, loop_embedding=span and cfg.loop_embedding)
+            for _ in range(cfg.num_hc())
+        )  # fmt: skip
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.reset_parameters()
+
+    # -------------------------------------------------------------------------------- setup
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights; the projections that write into a residual (wo, w_down) are
+        scaled by 1/sqrt(2 x unrolled depth) as in GPT-2, so the stream does not grow with depth.
+        Hyper-connections and LoRA adapters initialise themselves (see their reset_parameters)."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("attn.wo", "mlp.w_down"))
+                nn.init.normal_(module.weight, std=std / (2 * self.cfg.depth) ** 0.5 if scaled else std)
+            elif isinstance(module, (RMSNorm, HyperConnection, LoopLoRA)):
+                module.reset_parameters()
+
+    def middle_layers(self) -> list[Block]:
+        b, m = self.cfg.begin_layers, self.cfg.middle_layers
+        return list(self.layers[b : b + m])
+
+    def plan(self, num_loops: int | None = None) -> list[Step]:
+        """The unrolled execution order: begin, middle x K, end."""
+        cfg = self.cfg
+        loops = cfg.num_loops if num_loops is None else num_loops
+        b, m = cfg.begin_layers, cfg.middle_layers
+        begin = [(i, None) for i in range(b)]
+        middle = [(b + i, loop) for loop in range(loops) for i in range(m)]
+        end = [(b + m + i, None) for i in range(cfg.end_layers)]
+        return [Step(layer, loop, index) for index, (layer, loop) in enumerate(begin + middle + end)]
+
+    def num_params(self, exclude_embedding: bool = True) -> int:
+        """Parameters in the paper's convention (all but the input embedding table by default)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embedding else total
+
+    # -------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        num_loops: int | None = None,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        layer_outputs: list | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or the mean cross-entropy when `targets` is given (-1 = ignored).
+
+        num_loops:     run the middle block this many times instead of cfg.num_loops (test time).
+        positions:     RoPE positions, (T,) or (B, T); default 0..T-1 (a cache passes its offsets).
+        cache:         a KV cache exposing `attend(slot, q, k, v)` (see hyperloop.infer).
+        layer_outputs: if a list, receives (Step, hidden) after every unrolled layer, where hidden is
+                       the outer residual stream (merged streams when HC is on) - for analyses.
+        """
+        hidden = self.hidden_states(tokens, num_loops=num_loops, positions=positions, cache=cache,
+                                    layer_outputs=layer_outputs)  # fmt: skip
+        if targets is None:
+            return self.logits(hidden)
+        return self.loss(hidden, targets)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(hidden)
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
+
+    def hidden_states(self, tokens, *, num_loops=None, positions=None, cache=None, layer_outputs=None):
+        """Run the plan and return the final residual stream (B, T, C), before the final norm."""
+        cfg = self.cfg
+        loops = cfg.num_loops if num_loops is None else num_loops
+        if loops < 1:
+            raise HyperloopError(f"num_loops must be >= 1, got {loops}")
+        if cfg.hc_placement == "sublayer" and loops != cfg.num_loops:
+            raise HyperloopError("an mHC (sublayer) model has one HC per unrolled sub-layer: num_loops is fixed")
+        T = tokens.shape[-1]
+        if positions is None:
+            if T > cfg.max_seq_len:
+                raise HyperloopError(f"sequence of {T} tokens exceeds the context length {cfg.max_seq_len}")
+            positions = torch.arange(T, device=tokens.device)
+        rope = self.rope(positions)
+        steps = self.plan(loops)
+
+        def run(step: Step, x: torch.Tensor, hcs=None) -> torch.Tensor:
+            return self.layers[step.layer](x, rope, step.loop, cache, step.index, hcs)
+
+        def record(step: Step, outer: torch.Tensor) -> None:
+            if layer_outputs is not None:
+                layer_outputs.append((step, outer))
+
+        x = self.embed(tokens)
+        if cfg.hc_placement == "sublayer":  # mHC: streams everywhere, two sites per unrolled layer
+            y = expand_streams(x, cfg.n_streams)
+            for step in steps:
+                y = run(step, y, (self.hc[2 * step.index], self.hc[2 * step.index + 1]))
+                if layer_outputs is not None:
+                    record(step, merge_streams(y))
+            return merge_streams(y)
+
+        b, n_middle = cfg.begin_layers, loops * cfg.middle_layers
+        begin, middle, end = steps[:b], steps[b : b + n_middle], steps[b + n_middle :]
+        for step in begin:
+            x = run(step, x)
+            record(step, x)
+        if cfg.hc_placement == "span":  # Hyperloop: y <- H_res y + H_post (Middle(H_pre y) + e)
+            y = expand_streams(x, cfg.n_streams)
+            for site, first in enumerate(range(0, n_middle, cfg.span)):
+                hc = self.hc[min(site, len(self.hc) - 1)]  # past the trained loops, reuse the last site
+                h, coeffs = hc.read(y)
+                for step in middle[first : first + cfg.span]:
+                    h = run(step, h)
+                    if layer_outputs is not None:  # the outer stream as if the span ended here
+                        record(step, merge_streams(hc.write(y, h, coeffs)))
+                y = hc.write(y, h, coeffs)
+            x = merge_streams(y)
+        else:
+            for step in middle:
+                x = run(step, x)
+                record(step, x)
+        for step in end:
+            x = run(step, x)
+            record(step, x)
+        return x

@@ -1,0 +1,250 @@
+"""The model zoo against the spec: a naive reference forward, causality, reductions, init scale,
+gradients, parameter accounting and bad-input errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hyperloop.config import PAPER_PARAMS, PRESETS, ModelConfig, count_params, get_preset
+from hyperloop.errors import HyperloopError
+from hyperloop.model import HyperloopLM, sinkhorn
+from reference import reference_logits
+
+# A very small plan: d=32, 2 heads, begin 1 -> middle 2 x3 -> end 1, a 97-token vocabulary.
+SMALL = dict(vocab_size=97, dim=32, n_heads=2, max_seq_len=16, begin_layers=1, middle_layers=2,
+             num_loops=3, end_layers=1)  # fmt: skip
+ARCHS = {
+    "transformer": dict(begin_layers=0, middle_layers=4, num_loops=1, end_layers=0),
+    "mhc": dict(begin_layers=0, middle_layers=4, num_loops=1, end_layers=0, hc_placement="sublayer",
+                h_res="sinkhorn"),
+    "looped": dict(),
+    "hyperloop": dict(hc_placement="span", h_res="diagonal"),
+}  # fmt: skip
+
+
+def small(arch: str = "hyperloop", **overrides) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **ARCHS[arch], **overrides})
+
+
+def randomized(cfg: ModelConfig, seed: int = 0) -> HyperloopLM:
+    """A model whose HC and LoRA parameters are far from their init, so every term matters."""
+    torch.manual_seed(seed)
+    model = HyperloopLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("hc.") and name.endswith(("alpha", "bias")):
+                p.normal_(0.0, 1.0)
+            elif name.endswith(("embedding", ".B")):
+                p.normal_(0.0, 0.1)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [("transformer", {}), ("mhc", {}), ("looped", {}), ("hyperloop", {}),
+     ("hyperloop", {"h_res": "sinkhorn"}), ("hyperloop", {"h_res": "identity", "n_streams": 2}),
+     ("hyperloop", {"hc_span": 3}), ("looped", {"lora_rank": 3}), ("mhc", {"h_res": "diagonal", "n_streams": 3})],
+)  # fmt: skip
+def test_matches_naive_reference(arch, extra):
+    cfg = small(arch, **extra)
+    model = randomized(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (7,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens[None])[0]
+    ref = reference_logits(cfg, model.state_dict(), tokens)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_causal(arch):
+    model = randomized(small(arch)).eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    changed = tokens.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_hyperloop_with_hc_switched_off_equals_looped():
+    """H_pre = 1/n (the mean of equal streams), H_res = 0, H_post = 1, e = 0: each loop is Middle(s)."""
+    hyper = randomized(small("hyperloop", n_streams=3))
+    with torch.no_grad():
+        for hc in hyper.hc:
+            hc.alpha.zero_()
+            hc.embedding.zero_()
+            n = hc.n
+            hc.bias[:n] = torch.logit(torch.tensor(1.0 / n, dtype=torch.float64)).item()  # 1/n each: mean
+            hc.bias[n : 2 * n] = 0.0  # H_post = 2 sigmoid(0) = 1
+            hc.bias[2 * n :] = -40.0  # H_res = sigmoid(-40) = 0
+    looped = HyperloopLM(small("looped"))
+    looped.load_state_dict({k: v for k, v in hyper.state_dict().items() if not k.startswith("hc.")})
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hyper(tokens), looped(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_looped_with_one_loop_equals_transformer():
+    looped = randomized(small("looped", num_loops=1, begin_layers=1, middle_layers=2, end_layers=1))
+    transformer = HyperloopLM(small("transformer", middle_layers=4))
+    transformer.load_state_dict(looped.state_dict())
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(looped(tokens), transformer(tokens))
+
+
+def test_one_stream_identity_is_plain_residual():
+    """n = 1, H_res = I, H_pre = H_post = 1: y + F(y), i.e. the Transformer's residual."""
+    mhc = randomized(small("mhc", n_streams=1, h_res="identity"))
+    with torch.no_grad():
+        for hc in mhc.hc:
+            hc.alpha.zero_()
+            hc.bias.copy_(torch.tensor([40.0, 0.0]))  # sigmoid(40) = 1, 2 sigmoid(0) = 1
+    transformer = HyperloopLM(small("transformer"))
+    transformer.load_state_dict({k: v for k, v in mhc.state_dict().items() if not k.startswith("hc.")})
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(mhc(tokens), transformer(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_mhc_is_its_plain_transformer_when_alpha_is_zero():
+    """The init puts mHC on the plain Transformer; only the a_* perturbation separates them."""
+    torch.manual_seed(0)
+    mhc = HyperloopLM(small("mhc"))
+    with torch.no_grad():
+        for hc in mhc.hc:
+            hc.alpha.zero_()
+    transformer = HyperloopLM(small("transformer"))
+    transformer.load_state_dict({k: v for k, v in mhc.state_dict().items() if not k.startswith("hc.")})
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(mhc(tokens), transformer(tokens), atol=1e-3, rtol=1e-3)
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    # 20 iterations converge for logits of moderate spread: the init (4 on the diagonal plus the
+    # a_res = 0.01 input term) and unit-variance logits. Very peaked logits converge more slowly.
+    torch.manual_seed(0)
+    for logits in (4 * torch.eye(4) + 0.01 * torch.randn(256, 4, 4), torch.randn(256, 5, 5)):
+        p = sinkhorn(logits, 20)
+        assert (p >= 0).all()
+        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(p.sum(-2), torch.ones(p.shape[:-1]), atol=1e-3, rtol=0)
+    assert torch.isfinite(sinkhorn(torch.full((3, 3), 1e4), 20)).all()  # log domain: no overflow
+
+
+def test_activations_stay_well_scaled_through_loops_at_init():
+    """At init a Hyperloop loop maps s -> about s + delta (spec 2d); the naive H_res = H_post = 1
+    would map it to 2s + delta and blow the stream up by 2^K."""
+    cfg = get_preset("hyperloop-tiny").replace(vocab_size=512, num_loops=6)
+    torch.manual_seed(0)
+    hyper = HyperloopLM(cfg)
+    looped = HyperloopLM(cfg.replace(hc_placement="none"))
+    looped.load_state_dict({k: v for k, v in hyper.state_dict().items() if not k.startswith("hc.")})
+    tokens = torch.randint(0, 512, (2, 64))
+
+    def layer_rms(model):
+        outputs: list = []
+        with torch.no_grad():
+            model(tokens, layer_outputs=outputs)
+        return torch.stack([h.pow(2).mean().sqrt() for _, h in outputs])
+
+    embed_rms = hyper.embed(tokens).pow(2).mean().sqrt()
+    hyper_rms, looped_rms = layer_rms(hyper), layer_rms(looped)
+    assert ((hyper_rms / looped_rms) > 0.5).all() and ((hyper_rms / looped_rms) < 1.05).all()
+    assert hyper_rms.max() < 2 * embed_rms
+    with torch.no_grad():  # the naive init, for contrast
+        for hc in hyper.hc:
+            hc.bias[hc.n : 2 * hc.n] = 0.0
+            hc.bias[2 * hc.n :] = 40.0
+    assert layer_rms(hyper).max() > 30 * embed_rms
+
+
+@pytest.mark.parametrize("arch,extra", [(a, {}) for a in ARCHS] + [("looped", {"lora_rank": 2})])
+def test_every_parameter_gets_a_gradient(arch, extra):
+    model = HyperloopLM(small(arch, **extra))
+    tokens = torch.randint(0, 97, (2, 12))
+    model(tokens, tokens).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        if not name.endswith(".A"):  # LoRA A gets zero gradient while B is still at its zero init
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_lora_changes_each_loop_differently():
+    model = randomized(small("looped", lora_rank=2))
+    base = HyperloopLM(small("looped"))
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora." not in k})
+    tokens = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens), base(tokens))
+
+
+def test_test_time_loops():
+    model = randomized(small("hyperloop"))
+    tokens = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, num_loops=3), model(tokens))
+        assert model(tokens, num_loops=5).shape == (1, 8, 97)
+        assert not torch.allclose(model(tokens, num_loops=1), model(tokens))
+    with pytest.raises(HyperloopError, match="num_loops"):
+        model(tokens, num_loops=0)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_table1_param_counts(name):
+    got, paper = count_params(get_preset(name))["total"], PAPER_PARAMS[name]
+    assert abs(got / paper - 1) < 0.003, (name, got, paper)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [PRESETS[n] for n in PRESETS if n.endswith("-tiny")]
+    + [small("hyperloop", hc_span=1), small("hyperloop", h_res="sinkhorn", n_streams=2),
+       small("hyperloop", h_res="identity", loop_embedding=False), small("looped", lora_rank=4),
+       small("mhc", h_res="diagonal")],
+    ids=lambda c: f"{c.name}:{c.structure()}:{c.h_res}",
+)  # fmt: skip
+def test_analytic_count_equals_allocated(cfg):
+    assert count_params(cfg)["total"] == HyperloopLM(cfg).num_params()
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = get_preset("hyperloop-xs").replace(n_streams=6, hc_span=2)
+    cfg.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [({"n_streams": 0}, "n_streams"), ({"n_heads": 5}, "does not divide"), ({"h_res": "dense"}, "h_res"),
+     ({"hc_placement": "everywhere"}, "hc_placement"), ({"num_loops": 0}, "num_loops"),
+     ({"hc_span": 2}, "hc_span"), ({"lora_rank": 4, "num_loops": 1}, "lora_rank")],
+)  # fmt: skip
+def test_bad_structure_is_one_clear_error(bad, match):
+    with pytest.raises(HyperloopError, match=match):
+        ModelConfig(**{**SMALL, **bad})
+
+
+def test_unknown_key_and_preset():
+    with pytest.raises(HyperloopError, match="unknown model config key.*n_stream"):
+        ModelConfig.from_dict({"n_stream": 4})
+    with pytest.raises(HyperloopError, match="unknown preset 'hyperloop-xxl'"):
+        get_preset("hyperloop-xxl")
+
+
+def test_cli_params_json_and_errors():
+    out = subprocess.run([sys.executable, "-m", "hyperloop", "params", "hyperloop-s", "--json"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert '"preset": "hyperloop-s"' in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "hyperloop", "params", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "unknown preset 'nope'" in bad.stderr
