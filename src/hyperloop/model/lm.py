@@ -96,6 +96,7 @@ class HyperloopLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache=None,
         layer_outputs: list | None = None,
+        on_loop_end=None,
     ) -> torch.Tensor:
         """Logits (B, T, V), or the mean cross-entropy when `targets` is given (-1 = ignored).
 
@@ -104,9 +105,11 @@ class HyperloopLM(nn.Module):
         cache:         a KV cache exposing `attend(slot, q, k, v)` (see hyperloop.infer).
         layer_outputs: if a list, receives (Step, hidden) after every unrolled layer, where hidden is
                        the outer residual stream (merged streams when HC is on) - for analyses.
+        on_loop_end:   called as on_loop_end(loop, hidden) after each completed loop with the outer
+                       stream; returning True skips the remaining loops (early exit, see hyperloop.infer).
         """
         hidden = self.hidden_states(tokens, num_loops=num_loops, positions=positions, cache=cache,
-                                    layer_outputs=layer_outputs)  # fmt: skip
+                                    layer_outputs=layer_outputs, on_loop_end=on_loop_end)  # fmt: skip
         if targets is None:
             return self.logits(hidden)
         return self.loss(hidden, targets)
@@ -118,7 +121,8 @@ class HyperloopLM(nn.Module):
         logits = self.logits(hidden)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
 
-    def hidden_states(self, tokens, *, num_loops=None, positions=None, cache=None, layer_outputs=None):
+    def hidden_states(self, tokens, *, num_loops=None, positions=None, cache=None, layer_outputs=None,
+                      on_loop_end=None):  # fmt: skip
         """Run the plan and return the final residual stream (B, T, C), before the final norm."""
         cfg = self.cfg
         loops = cfg.num_loops if num_loops is None else num_loops
@@ -150,7 +154,10 @@ class HyperloopLM(nn.Module):
                     record(step, merge_streams(y))
             return merge_streams(y)
 
-        b, n_middle = cfg.begin_layers, loops * cfg.middle_layers
+        if on_loop_end is not None and cfg.hc_placement == "span" and cfg.middle_layers % cfg.span:
+            raise HyperloopError("early exit needs HC spans that end at loop boundaries")
+        m = cfg.middle_layers
+        b, n_middle = cfg.begin_layers, loops * m
         begin, middle, end = steps[:b], steps[b : b + n_middle], steps[b + n_middle :]
         for step in begin:
             x = run(step, x)
@@ -165,11 +172,16 @@ class HyperloopLM(nn.Module):
                     if layer_outputs is not None:  # the outer stream as if the span ended here
                         record(step, merge_streams(hc.write(y, h, coeffs)))
                 y = hc.write(y, h, coeffs)
+                done = first + cfg.span  # unrolled middle layers finished so far
+                if on_loop_end is not None and done % m == 0 and on_loop_end(done // m - 1, merge_streams(y)):
+                    break
             x = merge_streams(y)
         else:
-            for step in middle:
+            for i, step in enumerate(middle):
                 x = run(step, x)
                 record(step, x)
+                if on_loop_end is not None and (i + 1) % m == 0 and on_loop_end(step.loop, x):
+                    break
         for step in end:
             x = run(step, x)
             record(step, x)
