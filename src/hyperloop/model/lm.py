@@ -22,6 +22,7 @@ from hyperloop.config import ModelConfig
 from hyperloop.errors import HyperloopError
 from hyperloop.model.hyper import HyperConnection, expand_streams, merge_streams
 from hyperloop.model.layers import Block, LoopLoRA, RMSNorm, RotaryEmbedding
+from hyperloop.model.loss import chunked_cross_entropy
 
 
 class Step(NamedTuple):
@@ -118,6 +119,8 @@ class HyperloopLM(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if hidden.is_cuda:  # never materialise all the logits (see model/loss.py)
+            return chunked_cross_entropy(self.norm(hidden), self.lm_head.weight, targets)
         logits = self.logits(hidden)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
 
@@ -139,7 +142,10 @@ class HyperloopLM(nn.Module):
         steps = self.plan(loops)
 
         def run(step: Step, x: torch.Tensor, hcs=None) -> torch.Tensor:
-            return self.layers[step.layer](x, rope, step.loop, cache, step.index, hcs)
+            # Pass the loop only to LoRA and the slot only to a cache: a compiled Block then sees the
+            # same arguments at every position and compiles once, not once per layer execution.
+            loop = step.loop if cfg.lora_rank else None
+            return self.layers[step.layer](x, rope, loop, cache, step.index if cache is not None else 0, hcs)
 
         def record(step: Step, outer: torch.Tensor) -> None:
             if layer_outputs is not None:

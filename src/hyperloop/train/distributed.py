@@ -57,7 +57,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, info: DistInfo, parallel: str, compile_blocks: bool) -> nn.Module:
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (torchtitan style): all layers share one compiled
+    graph, so a looped middle block, or 38 layers, cost one compilation; the model itself stays a
+    plain module (plain state-dict names, eager code around the blocks)."""
+    for block in model.layers:
+        block.compile()
+
+
+def wrap(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
     """Return the module the training loop calls. `model` itself stays the plain LM (its state dict,
     its parameters' names); the wrapper only adds gradient synchronisation or sharding."""
     if not info.enabled:
@@ -66,8 +74,6 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str, compile_blocks: bool) 
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:  # shard per block: one all-gather per layer execution
-            if compile_blocks:
-                block.compile()
             fully_shard(block)
         fully_shard(model)
         return model

@@ -113,12 +113,17 @@ def peak_flops(device: torch.device) -> float | None:
 
 # ------------------------------------------------------------------------------ the loop
 class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checks it between steps."""
+    """Set by SIGTERM / SIGINT while training; the loop checks it between steps. Used as a context
+    manager so the previous handlers come back when training ends (e.g. inside `reproduce`)."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> _StopFlag:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
@@ -190,7 +195,9 @@ def _train(run_config, data_dir, run: Path, max_steps, info) -> dict[str, Any]:
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = HyperloopLM(mcfg).to(device)
     # Wrap before building the optimizer: FSDP2 replaces the parameters by sharded ones.
-    wrapped = distributed.wrap(model, info, tcfg.parallel, compile_blocks=compile_on)
+    if compile_on:
+        distributed.compile_blocks(model)
+    wrapped = distributed.wrap(model, info, tcfg.parallel)
     optimizer = torch.optim.AdamW(
         param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
         fused=device.type == "cuda",
@@ -205,14 +212,12 @@ def _train(run_config, data_dir, run: Path, max_steps, info) -> dict[str, Any]:
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, nonfinite = state["step"], state["nonfinite"]
-    forward = torch.compile(wrapped) if compile_on and tcfg.parallel != "fsdp" else wrapped
 
     log = _Logger(run, info, step) if info.is_main else None
     if log and resumed is None:
         log.text(f"config: {json.dumps(run_config)}\nenv: {json.dumps(environment())}")
     flops = flops_per_token(mcfg, tcfg.seq_len)
     peak = peak_flops(device)
-    stop = _StopFlag()
     meta = {"preset": run_config.get("preset"), "data": data.meta.get("tokenizer")}
 
     def save(step: int) -> None:
@@ -228,8 +233,8 @@ def _train(run_config, data_dir, run: Path, max_steps, info) -> dict[str, Any]:
             log.text(f"nothing to do: the run is at step {step} of {stop_at}")
         return {"step": step, "steps": steps, "run": str(run)}
 
-    with tqdm(total=stop_at, initial=step, desc=run.name, unit="step", disable=not info.is_main,
-              dynamic_ncols=True) as bar:  # closed (and drawn last) even when an error stops the run
+    with _StopFlag() as stop, tqdm(total=stop_at, initial=step, desc=run.name, unit="step",
+                                   disable=not info.is_main, dynamic_ncols=True) as bar:
         model.train()
         t_last, step_last = time.perf_counter(), step
         stopped_by_signal = False
@@ -242,7 +247,7 @@ def _train(run_config, data_dir, run: Path, max_steps, info) -> dict[str, Any]:
                 x, y = loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with distributed.no_sync(wrapped, sync=micro == accum - 1), autocast:
-                    loss = forward(x, y)
+                    loss = wrapped(x, y)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             loss_avg = distributed.mean_over_ranks(loss_sum / accum, info)
@@ -276,7 +281,7 @@ def _train(run_config, data_dir, run: Path, max_steps, info) -> dict[str, Any]:
                     log.metrics(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
             if step % tcfg.eval_every == 0 or step == steps:
-                val = evaluate(forward, data, tcfg, device, autocast)
+                val = evaluate(wrapped, data, tcfg, device, autocast)
                 if log:
                     log.metrics({"step": step, "tokens": step * tokens_per_step, "val_loss": val, "val_ppl": math.exp(val)})
             if distributed.any_rank(stop.requested, info, device):

@@ -1,0 +1,352 @@
+"""INT4 figures (issue 7); prints JSON, and with --out DIR merges them into DIR/int4.json + DIR/int4.md.
+
+Sections (--sections, default: decode and quant-time, plus ppl when --ckpt is given):
+  decode      tokens/s of greedy decoding at batch 1 (KV cache + CUDA graph: hyperloop.infer's Decoder)
+              of random-weight models in bf16 and with RTN int4 linears, and the int4 kernel's output
+              against the dequantize-then-matmul reference on the same model.
+  quant-time  wall time of GPTQ on one model with calib-seqs x calib-len calibration tokens (random
+              tokens unless --data is given; the time does not depend on their values).
+  ppl         validation perplexity of trained checkpoints: bf16, RTN, GPTQ loop-aware ("all"),
+              GPTQ first-loop-only ("first", looped models only), with calibration from --data.
+
+Each run updates only the rows it computed (keyed by preset / checkpoint), so the sections can be
+run one command at a time and the markdown always shows everything measured so far. Estimated
+times on one H100 (not yet measured):
+
+    python benchmarks/int4.py --sections decode --out results                     # 2-4 min
+    python benchmarks/int4.py --sections quant-time --data DATA --out results     # 2-5 min (S, 1024 x 2048)
+    python benchmarks/int4.py --sections ppl --ckpt RUN --data DATA --out results  # 3-6 min per S checkpoint
+    python benchmarks/int4.py --smoke                                             # tiny, CPU, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hyperloop.checkpoint import load_model, save_model
+from hyperloop.config import get_preset
+from hyperloop.data.loader import TokenData
+from hyperloop.eval.perplexity import perplexity
+from hyperloop.infer.bench import build_model, random_prompts, time_decoder
+from hyperloop.infer.decoder import synchronize
+from hyperloop.model import HyperloopLM
+from hyperloop.quant.convert import calibration_tokens
+from hyperloop.quant.linear import QuantLinear
+from hyperloop.quant.quantize import quantize_gptq, quantize_rtn
+
+SECTIONS = ("decode", "quant-time", "ppl")
+KERNEL_TOLERANCE = 0.02  # bf16 rounding of weights and float zeros gives ~4e-3 (reference notes)
+RUN_KEYS = ("command", "device", "torch", "date")  # stored with every row: rows of several runs are merged
+
+
+def run_info(device: torch.device) -> dict:
+    return {
+        "command": " ".join(["python benchmarks/int4.py", *map(shlex.quote, sys.argv[1:])]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers(recurse=True)]
+    return sum(
+        t.numel() * t.element_size() for t in tensors if t is not model.rope.cos and t is not model.rope.sin
+    )
+
+
+def set_kernels(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.use_kernel = enabled
+
+
+@torch.no_grad()
+def kernel_error(model: HyperloopLM, device: torch.device) -> float:
+    """Relative difference of the logits of 8 tokens (within the kernel's row limit) computed with
+    the int4 kernel and with dequantize-then-matmul: bf16 rounding only, if the layouts are right."""
+    tokens = random_prompts(model.cfg.vocab_size, 1, 8).to(device)
+    fast = model(tokens).float()
+    set_kernels(model, False)
+    reference = model(tokens).float()
+    set_kernels(model, True)
+    return float((fast - reference).norm() / reference.norm())
+
+
+def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for preset in args.presets:
+        cfg = get_preset(preset)
+        model = build_model(cfg, device, dtype, int4=False)
+        float_row = time_decoder(model, 1, args.prompt_len, args.new_tokens)
+        float_bytes = model_bytes(model)
+        quantize_rtn(model, bits=4, group_size=args.group_size)
+        int4_row = time_decoder(model, 1, args.prompt_len, args.new_tokens)
+        row = {
+            "preset": preset,
+            "dtype": str(dtype).removeprefix("torch."),
+            "float_tok_s": float_row["decode_tok_s"],
+            "int4_tok_s": int4_row["decode_tok_s"],
+            "speedup": int4_row["decode_tok_s"] / float_row["decode_tok_s"],
+            "float_model_gb": float_bytes / 2**30,
+            "int4_model_gb": model_bytes(model) / 2**30,
+            "int4_peak_memory_gb": int4_row["peak_memory_gb"],
+            "cuda_graph": int4_row["cuda_graph"],
+            "kernel_vs_dequant_rel_error": kernel_error(model, device),
+        }
+        print(f"{preset:<16} decode {row['float_tok_s']:8.1f} -> {row['int4_tok_s']:8.1f} tok/s "
+              f"({row['speedup']:.2f}x)", file=sys.stderr)  # fmt: skip
+        error = row["kernel_vs_dequant_rel_error"]
+        if error > KERNEL_TOLERANCE:
+            print(f"WARNING: {preset}: int4 kernel logits differ from the dequantized reference by "
+                  f"{error:.3g} (relative): the tinygemm layout is wrong", file=sys.stderr)  # fmt: skip
+        rows.append(row)
+        del model
+    return rows
+
+
+def bench_quant_time(args, device: torch.device) -> list[dict]:
+    cfg = get_preset(args.quant_preset)
+    torch.manual_seed(0)
+    model = HyperloopLM(cfg).to(device).eval()  # fp32 masters, as `hyperloop quantize` loads them
+    seq_len = args.calib_len or cfg.max_seq_len
+    if args.data:
+        calib = calibration_tokens(args.data, args.calib_seqs, seq_len, vocab_size=cfg.vocab_size)
+    else:
+        calib = torch.randint(
+            0, cfg.vocab_size, (args.calib_seqs, seq_len), generator=torch.Generator().manual_seed(0)
+        )
+    synchronize(device)
+    start = time.perf_counter()
+    reports = quantize_gptq(model, calib, 4, args.group_size, loop_hessian="all", batch_size=args.batch_size)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    row = {
+        "preset": args.quant_preset,
+        "seconds": seconds,
+        "calib_seqs": args.calib_seqs,
+        "calib_len": seq_len,
+        "calib_source": args.data or "random tokens",
+        "group_size": args.group_size,
+        "linears": len(reports),
+        "weights": "random init",
+    }
+    print(
+        f"{args.quant_preset:<16} GPTQ {seconds:.1f}s for {args.calib_seqs} x {seq_len} tokens",
+        file=sys.stderr,
+    )
+    return [row]
+
+
+def bench_perplexity(args, device: torch.device) -> list[dict]:
+    data = TokenData(args.data)
+    rows = []
+    for ckpt in args.ckpt:
+        loaded = load_model(ckpt, device=device, dtype=torch.float32)
+        cfg = loaded.config
+        data.check_vocab(cfg.vocab_size)
+
+        def ppl(model: HyperloopLM) -> float:
+            return perplexity(model, data, max_tokens=args.eval_tokens, progress=False)["ppl"]
+
+        row = {
+            "checkpoint": str(loaded.path),
+            "model": cfg.name,
+            "structure": cfg.structure(),
+            "bf16": ppl(loaded.model),
+        }
+        model = copy.deepcopy(loaded.model)
+        quantize_rtn(model, 4, args.group_size)
+        row["rtn"] = ppl(model)
+        calib = calibration_tokens(
+            args.data, args.calib_seqs, args.calib_len or cfg.max_seq_len, vocab_size=cfg.vocab_size
+        )
+        modes = ("all", "first") if cfg.num_loops > 1 else ("all",)  # without loops the two are the same
+        for mode in modes:
+            model = copy.deepcopy(loaded.model)
+            start = time.perf_counter()
+            quantize_gptq(model, calib, 4, args.group_size, loop_hessian=mode, batch_size=args.batch_size)
+            row[f"gptq_{mode}_seconds"] = time.perf_counter() - start
+            row[f"gptq_{mode}"] = ppl(model)
+        row.update(calib_seqs=args.calib_seqs, eval_tokens=args.eval_tokens, group_size=args.group_size)
+        first = f" gptq-first {row['gptq_first']:.3f}" if "gptq_first" in row else ""
+        print(f"{cfg.name:<16} ppl bf16 {row['bf16']:.3f} rtn {row['rtn']:.3f} "
+              f"gptq-all {row['gptq_all']:.3f}{first}", file=sys.stderr)  # fmt: skip
+        rows.append(row)
+        del loaded, model
+    return rows
+
+
+# ------------------------------------------------------------------------------------ report
+KEYS = {"decode": "preset", "quant-time": "preset", "ppl": "checkpoint"}
+COLUMNS = {
+    "decode": [("preset", "model"), ("dtype", "float dtype"), ("float_tok_s", "float tok/s"),
+               ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"), ("float_model_gb", "float GB"),
+               ("int4_model_gb", "int4 GB"), ("kernel_vs_dequant_rel_error", "kernel rel. err")],
+    "quant-time": [("preset", "model"), ("seconds", "GPTQ seconds"), ("group_size", "group"),
+                   ("calib_seqs", "calib seqs"), ("calib_len", "tokens each"),
+                   ("calib_source", "calibration")],
+    "ppl": [("model", "model"), ("structure", "structure"), ("bf16", "bf16"), ("rtn", "RTN"),
+            ("gptq_all", "GPTQ loop-aware"), ("gptq_first", "GPTQ first loop"), ("group_size", "group"),
+            ("calib_seqs", "calib seqs"), ("eval_tokens", "tokens")],
+}  # fmt: skip
+TITLES = {
+    "decode": "Decode speed at batch 1 (greedy, KV cache), random weights, RTN int4 linears",
+    "quant-time": "GPTQ wall time",
+    "ppl": "Validation perplexity after INT4 (trained checkpoints)",
+}
+
+
+def merge(old: dict, section: str, rows: list[dict]) -> None:
+    """Replace the rows of `section` that were measured again, keep the others."""
+    key = KEYS[section]
+    measured = {row[key] for row in rows}
+    old[section] = [row for row in old.get(section, []) if row[key] not in measured] + rows
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return (
+            f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.2f}" if abs(value) >= 100 else f"{value:.3f}"
+        )
+    return "-" if value is None else str(value)
+
+
+def markdown(results: dict) -> str:
+    """One table per section and run (rows measured by the same command share a table)."""
+    lines = ["# INT4 quantization (issue 7)", "", "Written by `benchmarks/int4.py`.", ""]
+    for section in SECTIONS:
+        if not results.get(section):
+            continue
+        lines += [f"## {TITLES[section]}", ""]
+        columns = COLUMNS[section]
+        runs: dict[tuple, list[dict]] = {}
+        for row in results[section]:
+            runs.setdefault(tuple(row[k] for k in RUN_KEYS), []).append(row)
+        for (command, device, version, date), rows in runs.items():
+            lines += [f"`{command}`  ", f"{device}, torch {version}, {date}", ""]
+            lines.append("| " + " | ".join(title for _, title in columns) + " |")
+            lines.append("|" + "---|" * len(columns))
+            lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ smoke
+# Tiny settings that run on a CPU in about a minute; flags given explicitly still win.
+SMOKE = {
+    "presets": ["transformer-tiny", "hyperloop-tiny"],
+    "quant_preset": "hyperloop-tiny",
+    "sections": list(SECTIONS),
+    "group_size": 32,  # the tiny FFN width (352) is not a multiple of 128
+    "calib_seqs": 4,
+    "calib_len": 64,
+    "batch_size": 4,
+    "prompt_len": 16,
+    "new_tokens": 8,
+    "eval_tokens": 2048,
+}
+
+
+def smoke_inputs(args, root: Path) -> None:
+    """A random tiny checkpoint and a small prepared folder, unless --ckpt / --data were given."""
+    import pyarrow.parquet as pq
+
+    from hyperloop.data import demo_corpus_path, demo_tokenizer_path
+    from hyperloop.data.prepare import prepare
+
+    if not args.data:
+        texts = (
+            pq.read_table(min(demo_corpus_path().glob("*.parquet")), columns=["text"]).slice(0, 60).column(0)
+        )
+        (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts.to_pylist()))
+        prepare([str(root / "docs.jsonl")], str(demo_tokenizer_path()), str(root / "data"), val_fraction=0.2,
+                workers=1, progress=False)  # fmt: skip
+        args.data = str(root / "data")
+    if not args.ckpt:
+        torch.manual_seed(0)
+        cfg = get_preset("hyperloop-tiny").replace(max_seq_len=64)
+        args.ckpt = [
+            str(save_model(root / "ckpt", HyperloopLM(cfg), tokenizer_dir=Path(args.data) / "tokenizer"))
+        ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None)
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=["transformer-s", "hyperloop-s", "transformer-m", "hyperloop-m"],
+        help="decode: presets to time (random weights)",
+    )
+    parser.add_argument("--quant-preset", default="hyperloop-s", help="quant-time: the model to quantize")
+    parser.add_argument(
+        "--ckpt", nargs="+", default=[], metavar="CKPT", help="ppl: trained checkpoints or run folders"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="prepared folder: calibration (train) and ppl (validation)",
+    )
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--calib-seqs", type=int, default=1024)
+    parser.add_argument("--calib-len", type=int, default=None, help="default: the model's context length")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    parser.add_argument("--eval-tokens", type=int, default=1_000_000, help="ppl: validation tokens scored")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="merge into DIR/int4.json and rewrite DIR/int4.md"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: check that everything runs")
+    args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            smoke_inputs(args, Path(tmp))
+        sections = args.sections or ["decode", "quant-time"] + ["ppl"] * bool(args.ckpt)
+        if "ppl" in sections and not (args.ckpt and args.data):
+            parser.error("the ppl section needs --ckpt and --data")
+        results: dict = {}
+        info = run_info(device)
+        if "decode" in sections:
+            results["decode"] = bench_decode(args, device, dtype)
+        if "quant-time" in sections:
+            results["quant-time"] = bench_quant_time(args, device)
+        if "ppl" in sections:
+            results["ppl"] = bench_perplexity(args, device)
+    for rows in results.values():
+        for row in rows:
+            row.update(info)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        merged = json.loads((out / "int4.json").read_text()) if (out / "int4.json").is_file() else {}
+        for section, rows in results.items():
+            merge(merged, section, rows)
+        (out / "int4.json").write_text(json.dumps(merged, indent=2) + "\n")
+        (out / "int4.md").write_text(markdown(merged))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Running a model token by token: `Decoder` (KV cache) and `FullRecompute` (no cache, for checking).
+
+Both have the same two calls, so `generate` does not care which it drives:
+    prefill(prompts) -> logits (B, V)             next-token logits after each prompt
+    step(tokens, finished) -> logits, loops_used  feed one token per row, get the next logits
+
+On CUDA the decode step (without early exit) is captured once as a CUDA graph and replayed: a step
+of an S-size model is a few hundred small kernels, and launching them one by one from Python costs
+more than running them. `compile=True` first runs the step through torch.compile (fused kernels) and
+captures that. On CPU, and with early exit (whose control flow depends on the logits), the step runs
+eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hyperloop.config import ModelConfig
+from hyperloop.errors import HyperloopError
+from hyperloop.infer.cache import KVCache
+from hyperloop.infer.early_exit import AllRowsExited, EarlyExit
+from hyperloop.model import HyperloopLM
+
+WARMUP_STEPS = 3  # before capture: torch.compile compiles and autotunes, cuBLAS picks its kernels
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (for timings): CUDA runs asynchronously, the CPU does not."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_loops(cfg: ModelConfig, num_loops: int | None) -> int:
+    """The loop count to run: the trained one by default. Past the trained count the last loop's
+    hyper-connection (with its loop embedding e_l) and LoRA adapter are reused (see model/lm.py)."""
+    loops = cfg.num_loops if num_loops is None else num_loops
+    if loops < 1:
+        raise HyperloopError(f"--loops must be at least 1, got {loops}")
+    if loops != cfg.num_loops and cfg.hc_placement == "sublayer":
+        raise HyperloopError(f"an mHC model has one hyper-connection per unrolled sub-layer, so it runs exactly "
+                             f"its trained {cfg.num_loops} loop(s); drop --loops")  # fmt: skip
+    return loops
+
+
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) tokens, each prompt right-aligned (padding id 0, masked by the cache), and the pad counts."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
+    return tokens.to(device), pad.to(device)
+
+
+class Decoder:
+    """A model and a KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+
+    def __init__(self, model: HyperloopLM, batch: int, max_len: int, *, num_loops: int | None = None,
+                 exit_threshold: float | None = None, cuda_graph: bool | None = None, compile: bool = False):  # fmt: skip
+        cfg = model.cfg
+        if max_len > cfg.max_seq_len:
+            raise HyperloopError(f"{max_len} tokens (prompt + new tokens) exceed the model's context of "
+                                 f"{cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens")  # fmt: skip
+        self.model, self.max_len = model, max_len
+        self.num_loops = resolve_loops(cfg, num_loops)
+        self.cache = KVCache.for_model(model, batch, max_len, self.num_loops)
+        self.early_exit = None
+        if exit_threshold is not None:
+            self.early_exit = EarlyExit(model, self.cache, exit_threshold, self.num_loops)
+        on_cuda = self.cache.k.device.type == "cuda"
+        self.cuda_graph = on_cuda and self.early_exit is None and cuda_graph is not False
+        self._decode = torch.compile(self._run, fullgraph=True, dynamic=False) if compile else self._run
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.length = 0  # columns filled (a Python mirror of cache.column, to check capacity without a sync)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.k.device
+
+    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One forward over (B, T) new tokens through the cache: logits (B, V) of the last column."""
+        positions = self.cache.start(tokens.shape[1])
+        hidden = self.model.hidden_states(
+            tokens, num_loops=self.num_loops, positions=positions, cache=self.cache
+        )
+        self.cache.advance(tokens.shape[1])
+        return self.model.logits(hidden[:, -1])
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts at full depth (early exit applies to generated tokens only)."""
+        if len(prompts) != self.cache.batch:
+            raise HyperloopError(f"this decoder holds {self.cache.batch} rows, got {len(prompts)} prompts")
+        tokens, pad = left_pad(prompts, self.device)
+        self._reserve(tokens.shape[1], reset=True)
+        self.cache.reset(pad)
+        return self._run(tokens)
+
+    @torch.no_grad()
+    def step(
+        self, tokens: torch.Tensor, finished: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (B,); rows marked `finished` are computed but never read."""
+        self._reserve(1)
+        if self.early_exit is not None:
+            finished = torch.zeros_like(tokens, dtype=torch.bool) if finished is None else finished
+            return self._exit_step(tokens[:, None], finished)
+        logits = self._replay(tokens[:, None]) if self.cuda_graph else self._decode(tokens[:, None])
+        return logits, torch.full_like(tokens, self.num_loops)
+
+    def _reserve(self, T: int, reset: bool = False) -> None:
+        self.length = (0 if reset else self.length) + T
+        if self.length > self.max_len:
+            raise HyperloopError(
+                f"the KV cache holds {self.max_len} tokens per row; this step needs {self.length}"
+            )
+
+    def _exit_step(self, tokens: torch.Tensor, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.start(1)
+        self.early_exit.start(finished)
+        try:
+            hidden = self.model.hidden_states(tokens, num_loops=self.num_loops, positions=self.cache.positions,
+                                              cache=self.cache, on_loop_end=self.early_exit)  # fmt: skip
+            logits = self.model.logits(hidden[:, -1])
+        except AllRowsExited:  # the probe already ran the end block and holds every row's logits
+            logits = None
+        self.cache.advance(1)
+        return self.early_exit.finish(logits)
+
+    # ---------------------------------------------------------------------------- CUDA graph
+    def _replay(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            self._tokens = tokens.clone()
+            self._capture()
+        self._tokens.copy_(tokens)
+        self._graph.replay()
+        return self._logits.clone()  # the graph overwrites its output buffer on the next replay
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then record one decode step. The warm-up steps write the same
+        keys/values at the same column as the real step will, and the column is rewound after each;
+        recording executes nothing, so the first replay is the real step."""
+        column = self.cache.column.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._decode(self._tokens)
+                self.cache.column.copy_(column)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._decode(self._tokens)
+
+
+class FullRecompute:
+    """`--no-cache`: every step runs the plain full forward over each row's whole sequence. Quadratic
+    and slow on purpose: it shares nothing with the cache, so it checks it."""
+
+    def __init__(self, model: HyperloopLM, num_loops: int | None = None):
+        self.model = model
+        self.num_loops = resolve_loops(model.cfg, num_loops)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        self.sequences = [list(p) for p in prompts]
+        return self._next_logits()
+
+    @torch.no_grad()
+    def step(
+        self, tokens: torch.Tensor, finished: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for sequence, token in zip(self.sequences, tokens.tolist(), strict=True):
+            sequence.append(token)
+        return self._next_logits(), torch.full_like(tokens, self.num_loops)
+
+    def _next_logits(self) -> torch.Tensor:
+        device = self.model.embed.weight.device
+        rows = [torch.tensor(seq, device=device)[None] for seq in self.sequences]
+        return torch.cat([self.model(row, num_loops=self.num_loops)[:, -1] for row in rows])

@@ -1,0 +1,186 @@
+"""QuantLinear: a bias-free linear layer whose weight is stored as packed low-bit codes.
+
+Storage is GPTQ's packed layout (the "gptq_v2" checkpoint format of GPTQModel, which stores the
+true zero point rather than zero - 1), so the tensors mean what GPTQ users expect:
+
+    qweight  int32 (in * bits / 32, out)    word r holds input rows r*P .. r*P+P-1 (P = 32 / bits),
+                                            row r*P + j in bits j*bits .. j*bits + bits-1 (LSB first)
+    qzeros   int32 (groups, out * bits / 32) the zero points, packed the same way along the outputs
+    scales   fp16  (groups, out)
+    g_idx    int32 (in,)                     group of every input column
+    weight[o, i] = scales[g, o] * (code[i, o] - zero[g, o]),  g = g_idx[i]
+
+Compute. On CUDA with bf16 activations, 4-bit codes and at most KERNEL_MAX_ROWS input rows, the
+matmul runs in PyTorch's built-in tinygemm kernel (aten._weight_int4pack_mm), which reads the int4
+weights straight from memory - the point of int4 when decoding, which is memory-bound. Its operands
+(a tiled int4 layout and bf16 scales with *float* zeros) are derived from the stored tensors the
+first time the layer runs on a device and cached there (so a CUDA model holds both layouts: about
+0.5x of bf16 instead of 0.26x). With many rows (prefill, perplexity) the GEMM is compute-bound and
+tinygemm falls behind cuBLAS (about 0.4x at 64 rows on an H100), so the layer dequantizes and calls
+F.linear instead; so does it everywhere else (CPU, fp32/fp16 activations, 2/8-bit codes). That
+dequantize-then-matmul path is the reference: it computes exactly the calibration-time weight.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperloop.quant.grid import QuantizedWeight, check_spec
+
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_K_TILE = 16  # the kernel tiles the input dimension in 16s, `inner_k_tiles` tiles at a time
+# Up to this many rows tinygemm beats a bf16 cuBLAS matmul (reference notes: 1.4-2.3x at 1 row,
+# about 1x at 16, 0.4x at 64), beyond it dequantize + cuBLAS is faster.
+KERNEL_MAX_ROWS = 16
+
+
+@cache
+def tinygemm_available(device_index: int) -> bool:
+    """The kernel exists in this build and the GPU has bf16 tensor cores (sm_80+)."""
+    has_op = hasattr(torch.ops.aten, "_weight_int4pack_mm")
+    return has_op and torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, C) codes in [0, 2^bits) -> (R * bits / 32, C) int32, P = 32 / bits rows per word, LSB first."""
+    per_word = 32 // bits
+    rows, cols = values.shape
+    fields = values.to(torch.int64).reshape(rows // per_word, per_word, cols)
+    shifts = (torch.arange(per_word, device=values.device) * bits).view(1, per_word, 1)
+    words = (fields << shifts).sum(dim=1)  # the bit fields are disjoint, so the sum is their OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # reinterpret as signed
+
+
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_rows: (R * bits / 32, C) int32 -> (R, C) uint8."""
+    per_word = 32 // bits
+    shifts = (torch.arange(per_word, device=words.device, dtype=torch.int32) * bits).view(1, per_word, 1)
+    # Right shifts of a negative int32 bring in copies of the sign bit, but the mask drops them: no
+    # int64 detour needed (this runs at every dequantize, where it is most of the cost).
+    fields = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
+    return fields.reshape(-1, words.shape[1]).to(torch.uint8)
+
+
+def int4_tinygemm_weight(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """codes (out, in) in [0, 16) -> the tiled int32 operand of aten._weight_int4pack_mm.
+
+    Since torch 2.5 the converter takes uint8 (out, in / 2) with the even input column in the high
+    nibble; earlier releases took the int32 codes (out, in) themselves. Try the current form first.
+    """
+    pairs = (codes[:, ::2].to(torch.uint8) << 4) | codes[:, 1::2].to(torch.uint8)
+    try:
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
+    except RuntimeError:
+        return torch.ops.aten._convert_weight_to_int4pack(codes.to(torch.int32).contiguous(), inner_k_tiles)
+
+
+def tinygemm_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(groups, out) scales and integer zeros -> (groups, out, 2) bf16 for tinygemm.
+
+    tinygemm dequantizes w = (q - 8) * scale + zero_f with a float zero, and ours is
+    w = scale * (q - z) = (q - 8) * scale + (8 - z) * scale, so zero_f = (8 - z) * scale.
+    """
+    scales = scales.float()
+    return torch.stack([scales, (8 - zeros.float()) * scales], dim=-1).to(torch.bfloat16).contiguous()
+
+
+class QuantLinear(nn.Module):
+    """y = x W_hat^T with W_hat (out, in) held as packed codes, one scale and zero per group."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128, device=None
+    ):
+        super().__init__()
+        check_spec(bits, group_size, in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups, per_word = in_features // group_size, 32 // bits
+        ints = {"dtype": torch.int32, "device": device}
+        self.register_buffer("qweight", torch.zeros(in_features // per_word, out_features, **ints))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // per_word, **ints))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.arange(in_features, **ints) // group_size)
+        self.use_kernel = True  # set False to force the dequantize-then-matmul path (for comparisons)
+        self._kernel_shapes_ok = (
+            bits == 4
+            and group_size in TINYGEMM_GROUP_SIZES
+            and out_features % 8 == 0
+            and in_features % (2 * TINYGEMM_K_TILE) == 0
+        )
+        self._kernel_cache: tuple | None = None  # (device, tinygemm weight, scales_and_zeros, input perm)
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight) -> QuantLinear:
+        out_features, in_features = weight.codes.shape
+        layer = cls(in_features, out_features, weight.bits, weight.group_size, device=weight.codes.device)
+        layer.qweight.copy_(pack_rows(weight.codes.T, weight.bits))
+        layer.qzeros.copy_(pack_rows(weight.zeros.T, weight.bits).T)
+        layer.scales.copy_(weight.scales)
+        layer.g_idx.copy_(weight.g_idx)
+        return layer
+
+    def unpacked(self) -> QuantizedWeight:
+        codes = unpack_rows(self.qweight, self.bits).T
+        zeros = unpack_rows(self.qzeros.T, self.bits).T
+        return QuantizedWeight(codes, self.scales.float(), zeros, self.g_idx, self.bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight W_hat (out, in) as a dense tensor."""
+        return self.unpacked().dequantize().to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow the module, dtype casts do not touch the grid: `model.to(torch.bfloat16)`
+        must not round the fp16 scales to bf16 (three mantissa bits fewer) behind the user's back."""
+        self._kernel_cache = None  # rebuilt on the new device at the next call
+        scales = self._buffers.pop("scales")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["scales"] = scales.to(self.qweight.device)
+        return self
+
+    # ------------------------------------------------------------------------------- forward
+    def _kernel_usable(self, x: torch.Tensor) -> bool:
+        return (
+            self.use_kernel
+            and self._kernel_shapes_ok
+            and x.is_cuda
+            and x.dtype == torch.bfloat16
+            and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+            and tinygemm_available(x.device.index)
+        )
+
+    def _kernel_operands(self, device: torch.device) -> tuple:
+        if self._kernel_cache is None or self._kernel_cache[0] != device:
+            q = self.unpacked()
+            codes, perm = q.codes.to(device), None
+            if bool((q.g_idx[1:] < q.g_idx[:-1]).any()):
+                # act-order: tinygemm needs each group's columns side by side, so sort the input
+                # columns by group once here and gather the activations the same way per call.
+                perm = torch.argsort(q.g_idx.long(), stable=True).to(device)
+                codes = codes[:, perm]
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * TINYGEMM_K_TILE) == 0)
+            weight = int4_tinygemm_weight(codes, inner_k_tiles)
+            scales_and_zeros = tinygemm_scales_and_zeros(q.scales, q.zeros).to(device)
+            self._kernel_cache = (device, weight, scales_and_zeros, perm)
+        return self._kernel_cache[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._kernel_usable(x):
+            return F.linear(x, self.dequantize(x.dtype))
+        weight, scales_and_zeros, perm = self._kernel_operands(x.device)
+        flat = x.reshape(-1, self.in_features)
+        if perm is not None:
+            flat = flat[:, perm]
+        out = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), weight, self.group_size, scales_and_zeros)
+        return out.reshape(*x.shape[:-1], self.out_features)

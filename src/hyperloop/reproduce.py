@@ -1,0 +1,358 @@
+"""`hyperloop reproduce`: the paper's comparison (spec section 5) end to end, in one resumable command.
+
+Stages, each skipped when its output exists (so re-running continues an interrupted run):
+  data      prepare the corpus (the bundled demo corpus by default) unless --data is prepared shards
+  sweep     optional: a short peak-LR sweep on the Transformer alone (the paper tunes nothing for
+            the looped models); the best LR is then used for every model
+  train     every variant with the same data order, tokens and hyperparameters (runs/<name>/)
+  eval      perplexity on the validation split (and every --eval-data), zero-shot tasks if given
+  int4      loop-aware GPTQ of every model, then its perplexity (quant/<name>/, eval/<name>-int4.json)
+  analysis  cross-loop similarity and logit lens of all models (analysis/)
+  report    report.md, summary.json, loss_curves.png
+
+A variant is (name, preset, --set overrides): the main comparison has four, one per architecture;
+an ablation (`--ablation NAME`) is a list of Hyperloop variants compared with the reference row.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hyperloop.checkpoint import atomic_write_text
+from hyperloop.config import ModelConfig, count_params
+from hyperloop.errors import HyperloopError
+
+ARCHS = ("transformer", "mhc", "looped", "hyperloop")
+PAPER_S = {  # spec section 5, S scale: PPL bf16, PPL int4
+    "transformer": (14.65, 14.85), "mhc": (14.55, 14.73), "looped": (14.85, 15.18), "hyperloop": (14.40, 14.68),
+}  # fmt: skip
+
+
+@dataclass
+class Scale:
+    """What differs between the CPU smoke test and the GPU reproduction."""
+
+    val_fraction: float  # for a corpus we prepare ourselves
+    group_size: int  # GPTQ group: must divide every linear's input size (tiny ffn 352, xs ffn 704)
+    calib_seqs: int
+    analysis_tokens: int
+    eval_max_tokens: int | None
+    task_limit: int | None  # examples per zero-shot task (None: all)
+    note: str
+
+
+SCALES = {
+    "tiny": Scale(0.05, 32, 32, 16_384, 65_536, 200,
+                  "CPU smoke test: tiny models, a few hundred steps on a few MB of text. The numbers only show "
+                  "that the pipeline runs end to end; they say nothing about the paper's claims."),
+    "xs": Scale(0.005, 64, 64, 2**19, None, 1000,
+                "d=256 models at the paper's S depth and loop structure (2L -> 4L x3 -> 2L), one GPU."),
+}  # fmt: skip
+
+
+@dataclass
+class Variant:
+    name: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def main_variants(scale: str) -> list[Variant]:
+    return [Variant(arch, f"{arch}-{scale}") for arch in ARCHS]
+
+
+# ------------------------------------------------------------------------------------ stages
+def _stage_data(out: Path, data: str | None, scale: Scale) -> Path:
+    """A prepared folder as given, or prepare a corpus (default: the bundled demo) into OUT/data."""
+    from hyperloop.data import demo_corpus_path, demo_tokenizer_path
+    from hyperloop.data.prepare import prepare
+
+    if data is not None and (Path(data) / "meta.json").is_file():
+        return Path(data)
+    target = out / "data"
+    if (target / "meta.json").is_file():
+        return target
+    source = str(data) if data is not None else str(demo_corpus_path())
+    prepare([source], str(demo_tokenizer_path()), str(target), val_fraction=scale.val_fraction)
+    return target
+
+
+def _final_val_loss(run: Path) -> float | None:
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    return vals[-1] if vals else None
+
+
+def _train_one(variant: Variant, overrides: list[str], data: Path, run: Path) -> dict[str, Any]:
+    from hyperloop.train.loop import resolve_config, train
+
+    config = resolve_config(variant.preset, None, [*variant.overrides, *overrides])
+    return train(config, str(data), str(run))
+
+
+def _stage_sweep(out: Path, scale_name: str, lrs: list[float], tokens: int, data: Path, overrides: list[str]) -> float:
+    """Train the Transformer briefly at each peak LR; the lowest final validation loss wins."""
+    results_file = out / "sweep.json"
+    if results_file.is_file():
+        return json.loads(results_file.read_text())["best_lr"]
+    rows = []
+    for lr in lrs:
+        run = out / "sweep" / f"lr-{lr:g}"
+        sets = [*overrides, f"train.lr={lr}", f"train.min_lr={lr / 10}", f"train.train_tokens={tokens}"]
+        if _train_one(Variant("transformer", f"transformer-{scale_name}"), sets, data, run).get("stopped"):
+            raise _Stopped
+        rows.append({"lr": lr, "val_loss": _final_val_loss(run)})
+    best = min(rows, key=lambda r: r["val_loss"])["lr"]
+    atomic_write_text(results_file, json.dumps({"tokens": tokens, "rows": rows, "best_lr": best}, indent=2))
+    return best
+
+
+class _Stopped(Exception):
+    """A training stage was stopped by SIGTERM/SIGINT (checkpoint written): stop, rerun to resume."""
+
+
+def _run_metrics(run: Path) -> dict[str, Any]:
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    speeds = [r["tok_s"] for r in train_rows[1:]] or [r["tok_s"] for r in train_rows]  # skip compile warm-up
+    return {
+        "curve": [(r["tokens"], r["loss"]) for r in train_rows],
+        "val_curve": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r],
+        "train_tok_s": sum(speeds) / len(speeds) if speeds else None,
+        "train_tokens": train_rows[-1]["tokens"] if train_rows else 0,
+    }
+
+
+def _stage_eval(out: Path, name: str, ckpt: Path, data: Path, eval_data: list[str], tasks_dir: str | None,
+                scale: Scale, device: str | None) -> dict[str, Any]:  # fmt: skip
+    from hyperloop.eval.runner import evaluate
+
+    target = out / "eval" / f"{name}.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    result = evaluate(ckpt, data, tasks="all" if tasks_dir else "none", tasks_dir=tasks_dir, use_hub=False,
+                      limit=scale.task_limit, max_tokens=scale.eval_max_tokens, device=device)  # fmt: skip
+    result["eval_data"] = {
+        extra: evaluate(ckpt, extra, tasks="none", max_tokens=scale.eval_max_tokens, device=device)["ppl"]
+        for extra in eval_data
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(result, indent=2))
+    return result
+
+
+def _stage_int4(out: Path, name: str, ckpt: Path, data: Path, scale: Scale, device: str | None) -> dict[str, Any]:
+    from hyperloop.eval.runner import evaluate
+    from hyperloop.quant.convert import quantize_checkpoint
+
+    target = out / "eval" / f"{name}-int4.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    qdir = out / "quant" / name
+    summary = quantize_checkpoint(ckpt, qdir, method="gptq", bits=4, group_size=scale.group_size,
+                                  calib_data=data, calib_seqs=scale.calib_seqs, loop_hessian="all",
+                                  device=device, overwrite=True)  # fmt: skip
+    result = evaluate(qdir, data, tasks="none", max_tokens=scale.eval_max_tokens, device=device)
+    result["quantize"] = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+    atomic_write_text(target, json.dumps(result, indent=2))
+    return result
+
+
+# ------------------------------------------------------------------------------------ driver
+def reproduce(
+    scale: str,
+    out: str,
+    *,
+    data: str | None = None,
+    eval_data: list[str] | None = None,
+    tasks_dir: str | None = None,
+    steps: int | None = None,
+    lr_sweep: list[float] | None = None,
+    sweep_tokens: int | None = None,
+    overrides: list[str] | None = None,
+    variants: list[Variant] | None = None,
+    title: str | None = None,
+    analysis: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    if scale not in SCALES:
+        raise HyperloopError(f"unknown scale '{scale}' (known: {', '.join(SCALES)})")
+    spec = SCALES[scale]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants = variants or main_variants(scale)
+    sets = list(overrides or [])
+    data_dir = _stage_data(out_dir, data, spec)
+    if steps is not None:  # a shorter run with a complete schedule (warmup + cosine), not a cut one
+        from hyperloop.train.recipe import default_train_config
+
+        recipe = default_train_config(variants[0].preset)
+        sets.append(f"train.train_tokens={steps * recipe.global_batch * recipe.seq_len}")
+        sets.append(f"train.warmup_steps={max(1, min(recipe.warmup_steps, steps // 10))}")
+    try:
+        best_lr = None
+        if lr_sweep:
+            best_lr = _stage_sweep(out_dir, scale, lr_sweep, sweep_tokens or 20 * 2**20, data_dir, sets)
+            sets += [f"train.lr={best_lr}", f"train.min_lr={best_lr / 10}"]
+        results: dict[str, dict[str, Any]] = {}
+        for variant in variants:
+            run = out_dir / "runs" / variant.name
+            if _train_one(variant, sets, data_dir, run).get("stopped"):
+                raise _Stopped
+            results[variant.name] = {"run": run, "variant": variant}
+    except _Stopped:
+        print("stopped by signal after writing a checkpoint; rerun the same command to resume", file=sys.stderr)
+        return {"stopped": True}
+    for name, res in results.items():
+        res["eval"] = _stage_eval(out_dir, name, res["run"], data_dir, eval_data or [], tasks_dir, spec, device)
+        res["int4"] = _stage_int4(out_dir, name, res["run"], data_dir, spec, device)
+    analysis_result = None
+    if analysis:
+        from hyperloop.analysis.report import analyze
+
+        target = out_dir / "analysis" / "analysis.json"
+        analysis_result = (json.loads(target.read_text()) if target.is_file() else
+                           analyze([str(r["run"]) for r in results.values()], str(data_dir), str(out_dir / "analysis"),
+                                   spec.analysis_tokens, labels=list(results), device=device))  # fmt: skip
+    return write_report(out_dir, scale, spec, results, best_lr, analysis_result, title)
+
+
+# ------------------------------------------------------------------------------------ report
+def _environment() -> dict[str, Any]:
+    from hyperloop.train.loop import environment
+
+    return environment()
+
+
+def _plot_losses(path: Path, curves: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name, m in curves.items():
+        tokens, loss = zip(*m["curve"]) if m["curve"] else ((), ())
+        line = ax.plot([t / 1e6 for t in tokens], loss, label=f"{name} (train)", linewidth=1.2)[0]
+        if m["val_curve"]:
+            vt, vl = zip(*m["val_curve"])
+            ax.plot([t / 1e6 for t in vt], vl, "o--", color=line.get_color(), markersize=3, label=f"{name} (val)")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title("Training curves")
+    losses = [v for m in curves.values() for _, v in m["curve"]]
+    if losses:  # the first steps (~10 nats) would flatten everything after them
+        ax.set_ylim(min(losses) - 0.1, min(max(losses), min(losses) + 3.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, analysis_result, title) -> dict[str, Any]:
+    env = _environment()
+    rows = {}
+    curves = {}
+    for name, res in results.items():
+        cfg = ModelConfig.load(res["run"] / "config.json")
+        metrics = _run_metrics(res["run"])
+        curves[name] = metrics
+        ev, q = res["eval"], res["int4"]
+        rows[name] = {
+            "params": count_params(cfg)["total"],
+            "structure": cfg.structure(),
+            "val_ppl": ev["ppl"],
+            "int4_ppl": q["ppl"],
+            "tasks": {t: v["score"] for t, v in ev.get("tasks", {}).items()},
+            "tasks_avg": ev.get("avg"),
+            "train_tok_s": metrics["train_tok_s"],
+            "eval_data_ppl": ev.get("eval_data", {}),
+        }
+    train_tokens = max(c["train_tokens"] for c in curves.values())
+    summary = {
+        "device": env.get("device", "cpu"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": env.get("git"),
+        "scale": scale,
+        "train_tokens": train_tokens,
+        "lr": best_lr,
+        "command": "hyperloop " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
+        "env": env,
+        "models": rows,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    _plot_losses(out / "loss_curves.png", curves)
+    atomic_write_text(out / "report.md", _report_markdown(summary, spec, out, title, analysis_result))
+    return summary
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _report_markdown(summary: dict, spec: Scale, out: Path, title: str | None, analysis_result) -> str:
+    rows = summary["models"]
+    lines = [
+        f"# {title or 'Reproduction of the paper comparison'} ({summary['scale']})",
+        "",
+        f"> {spec.note}",
+        "",
+        f"- device: {summary['device']}; date: {summary['date']}; commit: {summary['commit']}",
+        f"- command: `{summary['command']}`",
+        f"- training tokens per model: {summary['train_tokens']:,}" + (f"; peak LR {summary['lr']:g} (from the sweep)"
+                                                                         if summary["lr"] else ""),
+        f"- INT4: loop-aware GPTQ (Hessian summed over all loops), 4 bits, group {spec.group_size}, "
+        f"{spec.calib_seqs} calibration sequences",
+        "",
+        "| model | structure | params | val PPL | INT4 PPL | INT4 - bf16 | tasks avg | train tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        delta = r["int4_ppl"] - r["val_ppl"] if r["int4_ppl"] and r["val_ppl"] else None
+        avg = f"{100 * r['tasks_avg']:.1f}%" if r["tasks_avg"] is not None else "-"
+        lines.append(f"| {name} | {r['structure']} | {r['params'] / 1e6:.1f}M | {_fmt(r['val_ppl'])} | "
+                     f"{_fmt(r['int4_ppl'])} | {_fmt(delta)} | {avg} | {_fmt(r['train_tok_s'], 0)} |")  # fmt: skip
+    if all(name in PAPER_S for name in rows):
+        order = sorted(rows, key=lambda n: rows[n]["val_ppl"])
+        paper = sorted(PAPER_S, key=lambda n: PAPER_S[n][0])
+        lines += ["", f"Order by validation perplexity (best first): {' < '.join(order)}. "
+                  f"The paper's S-scale order: {' < '.join(paper)} "
+                  f"({', '.join(f'{n} {PAPER_S[n][0]}' for n in paper)})."]  # fmt: skip
+        int4_order = sorted(rows, key=lambda n: rows[n]["int4_ppl"])
+        lines.append(f"Order after INT4: {' < '.join(int4_order)}.")
+    task_names = sorted({t for r in rows.values() for t in r["tasks"]})
+    if task_names:
+        lines += ["", "| model | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names)]
+        for name, r in rows.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(100 * r["tasks"][t], 1) if t in r["tasks"] else "-"
+                                                      for t in task_names) + " |")  # fmt: skip
+    sweep = out / "sweep.json"
+    if sweep.is_file():
+        s = json.loads(sweep.read_text())
+        lines += ["", f"Peak-LR sweep on the Transformer ({s['tokens']:,} tokens each; final validation loss):", "",
+                  "| peak LR | val loss |", "|---|---|"]  # fmt: skip
+        lines += [f"| {r['lr']:g} | {_fmt(r['val_loss'], 4)} |" for r in s["rows"]]
+    lines += ["", "![loss curves](loss_curves.png)", ""]
+    if analysis_result is not None:
+        lines += ["## Analyses", "", "See [analysis/summary.md](analysis/summary.md) for the tables.", "",
+                  "![logit lens](analysis/logit_lens.png)", ""]  # fmt: skip
+        lines += [f"![{name} similarity](analysis/{name}/similarity.png)" for name in rows
+                  if (out / "analysis" / name / "similarity.png").is_file()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def reproduce_from_cli(args) -> None:
+    summary = reproduce(
+        args.scale, args.out, data=args.data, eval_data=args.eval_data, tasks_dir=args.tasks_dir, steps=args.steps,
+        lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, device=args.device,
+    )  # fmt: skip
+    if summary.get("stopped"):
+        return
+    print(Path(args.out, "report.md").read_text())
