@@ -81,7 +81,7 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "tiny": dict(seq_len=128, global_batch=16, micro_batch=16, lr=2e-3, min_lr=2e-4, warmup_steps=30,
                  train_tokens=16 * 128 * 300, eval_every=100, eval_tokens=32_768, ckpt_every=100, log_every=10),
-    "xs": dict(global_batch=64, micro_batch=32, lr=2e-3, min_lr=2e-4, warmup_steps=150, train_tokens=200 * 2**20,
+    "xs": dict(global_batch=64, micro_batch=32, lr=1e-3, min_lr=1e-4, warmup_steps=150, train_tokens=200 * 2**20,
                eval_every=250, eval_tokens=2**20, ckpt_every=250),
     "m": dict(warmup_steps=2000),
     "l": dict(warmup_steps=2000),
