@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from reference import reference_logits
 
 from hyperloop.config import PAPER_PARAMS, PRESETS, ModelConfig, count_params, get_preset
 from hyperloop.errors import HyperloopError
 from hyperloop.model import HyperloopLM, sinkhorn
-from reference import reference_logits
 
 # A very small plan: d=32, 2 heads, begin 1 -> middle 2 x3 -> end 1, a 97-token vocabulary.
 SMALL = dict(vocab_size=97, dim=32, n_heads=2, max_seq_len=16, begin_layers=1, middle_layers=2,

@@ -78,7 +78,7 @@ def test_weight_decay_groups():
     """Decay the projection matrices only (ARCHITECTURE.md, 'Weight decay')."""
     model = HyperloopLM(get_preset("hyperloop-tiny").replace(lora_rank=2))
     decayed = set(decayed_names(model))
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         projection = name.endswith(("wqkv.weight", "wo.weight", "w_gate_up.weight", "w_down.weight", ".A", ".B"))
         assert (name in decayed) == (projection or name == "lm_head.weight"), name
 

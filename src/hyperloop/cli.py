@@ -12,7 +12,7 @@ from hyperloop.errors import HyperloopError
 
 # ----------------------------------------------------------------------------------------- params
 def cmd_params(args: argparse.Namespace) -> None:
-    from hyperloop.config import PRESETS, PAPER_PARAMS, count_params, get_preset
+    from hyperloop.config import PAPER_PARAMS, PRESETS, count_params, get_preset
 
     names = args.presets or [n for n in PRESETS if n in PAPER_PARAMS]
     rows = []
@@ -319,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-tokens", type=int, metavar="N", help="training tokens per sweep run (default 20M)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="overrides applied to every model (e.g. train.micro_batch=16)")
+    p.add_argument("--eval-tokens", type=int, metavar="N", help="validation tokens for perplexity (default: per scale)")
+    p.add_argument("--analysis-tokens", type=int, metavar="N", help="tokens for the analyses (default: per scale)")
+    p.add_argument("--calib-seqs", type=int, metavar="N", help="GPTQ calibration sequences (default: per scale)")
+    p.add_argument("--ablation", choices=["streams", "h_res", "placement", "structure", "lora"],
+                   help="train and compare the variants of one of the paper's ablations instead (ablations.md)")
     p.add_argument("--device", default=None, help="device for eval/quant/analysis (default: cuda if available)")
     p.set_defaults(func=cmd_reproduce)
 

@@ -23,6 +23,24 @@ HC_PLACEMENTS = ("none", "sublayer", "span")
 H_RES_KINDS = ("diagonal", "sinkhorn", "identity")
 
 
+def known_fields(cls, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """`data` if every key is a field of the dataclass `cls`, else a one-line error naming the strays."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise HyperloopError(f"unknown {what} key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return data
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise HyperloopError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise HyperloopError(f"config file {path} is not valid JSON: {err}") from None
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to build a model; `to_dict()` / `from_dict()` round-trip it through JSON."""
@@ -120,23 +138,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HyperloopError(f"unknown model config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return cls(**known_fields(cls, data, "model config"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise HyperloopError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise HyperloopError(f"config file {path} is not valid JSON: {err}") from None
+        data = read_json(path)
         return cls.from_dict(data.get("model", data))
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -16,6 +16,7 @@ an ablation (`--ablation NAME`) is a list of Hyperloop variants compared with th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -44,14 +45,15 @@ class Scale:
     analysis_tokens: int
     eval_max_tokens: int | None
     task_limit: int | None  # examples per zero-shot task (None: all)
+    default_steps: int | None  # None: the preset recipe's token budget
     note: str
 
 
 SCALES = {
-    "tiny": Scale(0.05, 32, 32, 16_384, 65_536, 200,
+    "tiny": Scale(0.05, 32, 32, 4_096, 32_768, 200, 200,
                   "CPU smoke test: tiny models, a few hundred steps on a few MB of text. The numbers only show "
                   "that the pipeline runs end to end; they say nothing about the paper's claims."),
-    "xs": Scale(0.005, 64, 64, 2**19, None, 1000,
+    "xs": Scale(0.005, 64, 64, 2**19, None, 1000, None,
                 "d=256 models at the paper's S depth and loop structure (2L -> 4L x3 -> 2L), one GPU."),
 }  # fmt: skip
 
@@ -65,6 +67,47 @@ class Variant:
 
 def main_variants(scale: str) -> list[Variant]:
     return [Variant(arch, f"{arch}-{scale}") for arch in ARCHS]
+
+
+def ablation_variants(name: str, scale: str) -> list[Variant]:
+    """The paper's ablations (spec section 5) as variants of the scale's Hyperloop, whose plain run
+    (named "hyperloop", shared with the main comparison) is the reference row of every table."""
+    from hyperloop.config import get_preset
+
+    hyper, looped = f"hyperloop-{scale}", f"looped-{scale}"
+    ref = Variant("hyperloop", hyper)
+    cfg = get_preset(hyper)
+    unrolled = cfg.middle_layers * cfg.num_loops
+    if name == "streams":
+        rows = [ref if n == cfg.n_streams else Variant(f"streams-{n}", hyper, [f"model.n_streams={n}"])
+                for n in (2, 4, 6, 8)]  # fmt: skip
+        return rows + [Variant("hyperloop-seed1", hyper, ["train.seed=1"])]  # the noise between seeds
+    if name == "h_res":
+        return [Variant(f"h_res-{kind}", hyper, [f"model.h_res={kind}"]) for kind in ("identity", "sinkhorn")] + [ref]
+    if name == "placement":  # one HC every s unrolled middle layers; s = middle_layers is the default
+        spans = sorted({1, 2, cfg.middle_layers, unrolled})
+        return [ref if s == cfg.middle_layers else Variant(f"span-{s}", hyper, [f"model.hc_span={s}"]) for s in spans]
+    if name == "structure":  # the same unrolled middle depth cut into other loop structures
+        shapes = [(cfg.middle_layers, cfg.num_loops)]
+        shapes += [(m, unrolled // m) for m in (3, 2) if unrolled % m == 0 and m != cfg.middle_layers]
+        rows = []
+        for m, k in shapes:
+            sets = [] if (m, k) == shapes[0] else [f"model.middle_layers={m}", f"model.num_loops={k}"]
+            tag = "" if not sets else f"-{m}x{k}"
+            rows += [Variant(f"hyperloop{tag}", hyper, sets), Variant(f"looped{tag}", looped, sets)]
+        return rows
+    if name == "lora":
+        return [Variant("looped", looped)] + [Variant(f"lora-{r}", looped, [f"model.lora_rank={r}"])
+                                              for r in (8, 32)] + [ref]  # fmt: skip
+    raise HyperloopError(f"unknown ablation '{name}' (known: {', '.join(ABLATIONS)})")
+
+
+ABLATIONS = ("streams", "h_res", "placement", "structure", "lora")
+# The paper's S-scale PPL for the rows it reports (spec section 5).
+PAPER_ABLATION_PPL = {
+    "streams-2": 14.43, "hyperloop": 14.40, "streams-6": 14.38, "streams-8": 14.39, "span-1": 14.45,
+    "span-12": 14.63, "h_res-identity": 14.61, "h_res-sinkhorn": 14.59, "lora-32": 14.77, "looped": 14.85,
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -176,19 +219,25 @@ def reproduce(
     lr_sweep: list[float] | None = None,
     sweep_tokens: int | None = None,
     overrides: list[str] | None = None,
-    variants: list[Variant] | None = None,
-    title: str | None = None,
-    analysis: bool = True,
+    ablation: str | None = None,
+    eval_tokens: int | None = None,
+    analysis_tokens: int | None = None,
+    calib_seqs: int | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
+    """The main comparison (four architectures), or with `ablation` one of the paper's ablation
+    tables (Hyperloop variants; perplexity only, written to ablations.md / ablations.json)."""
     if scale not in SCALES:
         raise HyperloopError(f"unknown scale '{scale}' (known: {', '.join(SCALES)})")
-    spec = SCALES[scale]
+    spec = dataclasses.replace(SCALES[scale], eval_max_tokens=eval_tokens or SCALES[scale].eval_max_tokens,
+                               analysis_tokens=analysis_tokens or SCALES[scale].analysis_tokens,
+                               calib_seqs=calib_seqs or SCALES[scale].calib_seqs)
+    variants = ablation_variants(ablation, scale) if ablation else main_variants(scale)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    variants = variants or main_variants(scale)
     sets = list(overrides or [])
     data_dir = _stage_data(out_dir, data, spec)
+    steps = steps if steps is not None else spec.default_steps
     if steps is not None:  # a shorter run with a complete schedule (warmup + cosine), not a cut one
         from hyperloop.train.recipe import default_train_config
 
@@ -210,17 +259,19 @@ def reproduce(
         print("stopped by signal after writing a checkpoint; rerun the same command to resume", file=sys.stderr)
         return {"stopped": True}
     for name, res in results.items():
-        res["eval"] = _stage_eval(out_dir, name, res["run"], data_dir, eval_data or [], tasks_dir, spec, device)
+        res["eval"] = _stage_eval(out_dir, name, res["run"], data_dir, eval_data or [],
+                                  None if ablation else tasks_dir, spec, device)  # fmt: skip
+    if ablation:
+        return write_ablation_report(out_dir, ablation, results)
+    for name, res in results.items():
         res["int4"] = _stage_int4(out_dir, name, res["run"], data_dir, spec, device)
-    analysis_result = None
-    if analysis:
-        from hyperloop.analysis.report import analyze
+    from hyperloop.analysis.report import analyze
 
-        target = out_dir / "analysis" / "analysis.json"
-        analysis_result = (json.loads(target.read_text()) if target.is_file() else
-                           analyze([str(r["run"]) for r in results.values()], str(data_dir), str(out_dir / "analysis"),
-                                   spec.analysis_tokens, labels=list(results), device=device))  # fmt: skip
-    return write_report(out_dir, scale, spec, results, best_lr, analysis_result, title)
+    target = out_dir / "analysis" / "analysis.json"
+    analysis_result = (json.loads(target.read_text()) if target.is_file() else
+                       analyze([str(r["run"]) for r in results.values()], str(data_dir), str(out_dir / "analysis"),
+                               spec.analysis_tokens, labels=list(results), device=device))  # fmt: skip
+    return write_report(out_dir, scale, spec, results, best_lr, analysis_result)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -256,7 +307,7 @@ def _plot_losses(path: Path, curves: dict[str, dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, analysis_result, title) -> dict[str, Any]:
+def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, analysis_result) -> dict[str, Any]:
     env = _environment()
     rows = {}
     curves = {}
@@ -289,7 +340,7 @@ def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, ana
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     _plot_losses(out / "loss_curves.png", curves)
-    atomic_write_text(out / "report.md", _report_markdown(summary, spec, out, title, analysis_result))
+    atomic_write_text(out / "report.md", _report_markdown(summary, spec, out, analysis_result))
     return summary
 
 
@@ -297,10 +348,10 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _report_markdown(summary: dict, spec: Scale, out: Path, title: str | None, analysis_result) -> str:
+def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> str:
     rows = summary["models"]
     lines = [
-        f"# {title or 'Reproduction of the paper comparison'} ({summary['scale']})",
+        f"# Reproduction of the paper comparison ({summary['scale']})",
         "",
         f"> {spec.note}",
         "",
@@ -348,11 +399,66 @@ def _report_markdown(summary: dict, spec: Scale, out: Path, title: str | None, a
     return "\n".join(lines) + "\n"
 
 
+def write_ablation_report(out: Path, name: str, results: dict) -> dict[str, Any]:
+    """ablation-<name>.json / .png for this table, then ablations.md / ablations.json over every
+    ablation table present in `out` (they share the reference run)."""
+    rows = {}
+    for variant, res in results.items():
+        cfg = ModelConfig.load(res["run"] / "config.json")
+        rows[variant] = {"params": count_params(cfg)["total"], "val_ppl": res["eval"]["ppl"], "structure": cfg.structure(),
+                         "overrides": res["variant"].overrides, "paper_s_ppl": PAPER_ABLATION_PPL.get(variant)}  # fmt: skip
+    tokens = max(_run_metrics(r["run"])["train_tokens"] for r in results.values())
+    atomic_write_text(out / f"ablation-{name}.json", json.dumps({"ablation": name, "train_tokens": tokens, "rows": rows}, indent=2))
+    _plot_ablation(out / f"ablation-{name}.png", name, rows)
+    env = _environment()
+    tables = {p.stem.removeprefix("ablation-"): json.loads(p.read_text()) for p in sorted(out.glob("ablation-*.json"))}
+    summary = {
+        "device": env.get("device", "cpu"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": env.get("git"), "train_tokens": tokens,
+        "ablations": {t: {v: {"params": r["params"], "val_ppl": r["val_ppl"]} for v, r in table["rows"].items()}
+                      for t, table in tables.items()},
+    }  # fmt: skip
+    atomic_write_text(out / "ablations.json", json.dumps(summary, indent=2))
+    lines = ["# Ablations", "", f"- device: {summary['device']}; date: {summary['date']}; commit: {summary['commit']}",
+             f"- training tokens per model: {tokens:,}; the reference row is the plain Hyperloop run (`hyperloop`)",
+             "- paper column: the paper's S-scale perplexity for the rows it reports (other scale and data: compare the order)"]  # fmt: skip
+    for table_name, table in tables.items():
+        lines += ["", f"## {table_name}", "", f"![{table_name}](ablation-{table_name}.png)", "",
+                  "| variant | structure | params | val PPL | paper (S) |", "|---|---|---|---|---|"]  # fmt: skip
+        for variant, r in table["rows"].items():
+            lines.append(f"| {variant} | {r['structure']} | {r['params'] / 1e6:.2f}M | {r['val_ppl']:.2f} | "
+                         f"{_fmt(r['paper_s_ppl'])} |")  # fmt: skip
+    atomic_write_text(out / "ablations.md", "\n".join(lines) + "\n")
+    return summary
+
+
+def _plot_ablation(path: Path, name: str, rows: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2), dpi=110)
+    names = list(rows)
+    ppl = [rows[n]["val_ppl"] for n in names]
+    bars = ax.barh(names, ppl, color=["tab:red" if n == "hyperloop" else "tab:blue" for n in names])
+    ax.bar_label(bars, labels=[f"{p:.2f}" for p in ppl], padding=3, fontsize=8)
+    ax.set_xlim(min(ppl) * 0.97, max(ppl) * 1.03)
+    ax.invert_yaxis()
+    ax.set_xlabel("validation perplexity")
+    ax.set_title(f"Ablation: {name} (red: reference)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def reproduce_from_cli(args) -> None:
     summary = reproduce(
         args.scale, args.out, data=args.data, eval_data=args.eval_data, tasks_dir=args.tasks_dir, steps=args.steps,
-        lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, device=args.device,
+        lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, ablation=args.ablation,
+        eval_tokens=args.eval_tokens, analysis_tokens=args.analysis_tokens, calib_seqs=args.calib_seqs,
+        device=args.device,
     )  # fmt: skip
     if summary.get("stopped"):
         return
-    print(Path(args.out, "report.md").read_text())
+    print(Path(args.out, "ablations.md" if args.ablation else "report.md").read_text())

@@ -24,7 +24,7 @@ at 0.01 so the input-dependent part starts small but trainable.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,8 @@ passed in, in which case each sub-layer becomes the bare branch F of an mHC site
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -92,7 +93,6 @@ def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_o
         "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "micro_batch": micro_batch, "seq_len": seq_len, "compile": compile_on, "warmup_s": round(warmup_s, 1),
     }  # fmt: skip
-    del model, optimizer
     return row
 
 

@@ -23,12 +23,17 @@ import torch
 from tqdm import tqdm
 
 from hyperloop import __version__
-from hyperloop.config import ModelConfig, flops_per_token, get_preset
+from hyperloop.config import ModelConfig, flops_per_token, get_preset, read_json
 from hyperloop.data.loader import EvalWindows, TokenData, TrainLoader
 from hyperloop.errors import HyperloopError
 from hyperloop.model import HyperloopLM
 from hyperloop.train import distributed
-from hyperloop.train.checkpoint import load_training_checkpoint, rng_state, save_training_checkpoint, set_rng_state
+from hyperloop.train.checkpoint import (
+    load_training_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from hyperloop.train.recipe import (
     TrainConfig,
     default_train_config,
@@ -71,12 +76,7 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
     """The full run config {"preset", "model", "train"} from a preset or a JSON file plus --set."""
     sets = parse_overrides(overrides)
     if config_file:
-        try:
-            data = json.loads(Path(config_file).read_text())
-        except FileNotFoundError:
-            raise HyperloopError(f"config file not found: {config_file}") from None
-        except json.JSONDecodeError as err:
-            raise HyperloopError(f"config file {config_file} is not valid JSON: {err}") from None
+        data = read_json(config_file)
         preset = data.get("preset")
         model_dict = data.get("model", data if "train" not in data else {})
         train_dict = {**default_train_config(preset).to_dict(), **data.get("train", {})}
