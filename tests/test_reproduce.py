@@ -53,3 +53,27 @@ def test_rerun_skips_finished_stages(report, demo_data, capsys):
     assert {p: p.stat().st_mtime_ns for p in (report / "eval").glob("*.json")} == before
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("nothing to do") == 4  # the four training runs were complete
+
+
+def test_ablation_table(report, demo_data):
+    """--ablation trains the variants into the same folder (the reference run is shared) and writes
+    the ablation summary schema."""
+    assert main(["reproduce", "--scale", "tiny", "--data", str(demo_data), "--out", str(report), "--steps", "4",
+                 "--eval-tokens", "4096", "--set", "train.eval_tokens=4096", "--ablation", "h_res"]) == 0  # fmt: skip
+    summary = json.loads((report / "ablations.json").read_text())
+    assert {"device", "date", "commit", "train_tokens", "ablations"} <= set(summary)
+    rows = summary["ablations"]["h_res"]
+    assert list(rows) == ["h_res-identity", "h_res-sinkhorn", "hyperloop"]
+    assert rows["h_res-sinkhorn"]["params"] > rows["hyperloop"]["params"] > rows["h_res-identity"]["params"]
+    assert all(r["val_ppl"] > 1 for r in rows.values())
+    assert "## h_res" in (report / "ablations.md").read_text() and (report / "ablation-h_res.png").is_file()
+
+
+def test_ablation_variants_follow_the_paper():
+    from hyperloop.reproduce import ablation_variants
+
+    names = lambda ablation: [v.name for v in ablation_variants(ablation, "xs")]  # noqa: E731
+    assert names("streams") == ["streams-2", "hyperloop", "streams-6", "streams-8", "hyperloop-seed1"]
+    assert names("placement") == ["span-1", "span-2", "hyperloop", "span-12"]
+    assert names("structure") == ["hyperloop", "looped", "hyperloop-3x4", "looped-3x4", "hyperloop-2x6", "looped-2x6"]
+    assert names("lora") == ["looped", "lora-8", "lora-32", "hyperloop"]
