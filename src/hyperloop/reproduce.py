@@ -233,6 +233,8 @@ def reproduce(
                                analysis_tokens=analysis_tokens or SCALES[scale].analysis_tokens,
                                calib_seqs=calib_seqs or SCALES[scale].calib_seqs)
     variants = ablation_variants(ablation, scale) if ablation else main_variants(scale)
+    if data is not None and not data.startswith("hf:") and not Path(data).exists():
+        raise HyperloopError(f"--data {data} does not exist: pass prepared shards or a corpus to prepare")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = list(overrides or [])
