@@ -35,5 +35,10 @@ def test_compiled_bf16_step_matches_eager_fp32(arch):
         loss = model(x, y)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert _rel(loss.detach(), loss_ref.detach()) < 1e-2
-    worst = max(_rel(g, r) for g, r in zip(grads, grads_ref) if r.norm() > 0)
+    flat = lambda gs: torch.cat([g.float().flatten() for g in gs])  # noqa: E731
+    assert _rel(flat(grads), flat(grads_ref)) < 2e-2
+    # Per parameter, except those whose gradient is ~0 at init (mHC's near-identity Sinkhorn biases:
+    # norms 1e-5 of the largest), where bf16 rounding alone gives relative errors near 1.
+    largest = max(r.norm() for r in grads_ref)
+    worst = max(_rel(g, r) for g, r in zip(grads, grads_ref) if r.norm() >= 1e-3 * largest)
     assert worst < 5e-2, worst

@@ -11,7 +11,8 @@ Stages, each skipped when its output exists (so re-running continues an interrup
   report    report.md, summary.json, loss_curves.png
 
 A variant is (name, preset, --set overrides): the main comparison has four, one per architecture;
-an ablation (`--ablation NAME`) is a list of Hyperloop variants compared with the reference row.
+an ablation (`--ablation NAME...`) is a list of Hyperloop variants compared with the reference row;
+`--gpus N` trains N variants at a time, one process per GPU.
 """
 
 from __future__ import annotations
@@ -139,6 +140,69 @@ def _train_one(variant: Variant, overrides: list[str], data: Path, run: Path) ->
     return train(config, str(data), str(run))
 
 
+def _run_complete(run: Path) -> bool:
+    """Whether the run folder holds a checkpoint at the last step of its schedule."""
+    from hyperloop.config import ModelConfig
+    from hyperloop.train.recipe import TrainConfig, token_budget, total_steps
+
+    if not (run / "latest").is_file():
+        return False
+    saved = json.loads((run / "config.json").read_text())
+    tcfg = TrainConfig.from_dict(saved["train"])
+    steps = total_steps(tcfg, token_budget(tcfg, ModelConfig.from_dict(saved["model"]), saved.get("preset")))
+    return int((run / "latest").read_text().strip().removeprefix("step-")) >= steps
+
+
+def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, out: Path, gpus: int) -> bool:
+    """Train the variants `gpus` at a time, each a `hyperloop train` process on its own GPU (on a
+    CPU machine the processes share the cores). Logs go to OUT/logs/<name>.log. SIGTERM/SIGINT are
+    passed on to the running trainings (they checkpoint and exit) and no new one starts. Returns
+    False when stopped before every run was complete."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    todo = [v for v in variants if not _run_complete(out / "runs" / v.name)]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    running: dict[int, tuple[subprocess.Popen, Variant]] = {}
+    stop = {"requested": False}
+
+    def on_signal(signum, frame) -> None:
+        stop["requested"] = True
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threads = max(1, (os.cpu_count() or 1) // gpus)
+    try:
+        while (todo and not stop["requested"]) or running:
+            for slot in range(gpus):
+                if slot in running or not todo or stop["requested"]:
+                    continue
+                variant = todo.pop(0)
+                cmd = [sys.executable, "-m", "hyperloop", "train", "--preset", variant.preset, "--data", str(data),
+                       "--out", str(out / "runs" / variant.name), "--set", *variant.overrides, *overrides]  # fmt: skip
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot), "OMP_NUM_THREADS": str(threads)}
+                log = (out / "logs" / f"{variant.name}.log").open("a")
+                running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), variant)
+                print(f"[gpu {slot}] training {variant.name} (log: {log.name})", flush=True)
+            time.sleep(0.5)
+            for slot, (proc, variant) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                if proc.returncode != 0 and not stop["requested"]:
+                    on_signal(None, None)  # one failure stops the others cleanly (they checkpoint)
+                    raise HyperloopError(f"training {variant.name} failed (exit {proc.returncode}); "
+                                         f"see {out / 'logs' / (variant.name + '.log')}")  # fmt: skip
+                print(f"[gpu {slot}] {variant.name} {'stopped' if stop['requested'] else 'done'}", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return all(_run_complete(out / "runs" / v.name) for v in variants)
+
+
 def _stage_sweep(out: Path, scale_name: str, lrs: list[float], tokens: int, data: Path, overrides: list[str]) -> float:
     """Train the Transformer briefly at each peak LR; the lowest final validation loss wins."""
     results_file = out / "sweep.json"
@@ -219,20 +283,30 @@ def reproduce(
     lr_sweep: list[float] | None = None,
     sweep_tokens: int | None = None,
     overrides: list[str] | None = None,
-    ablation: str | None = None,
+    ablations: list[str] | None = None,
+    gpus: int = 1,
     eval_tokens: int | None = None,
     analysis_tokens: int | None = None,
     calib_seqs: int | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """The main comparison (four architectures), or with `ablation` one of the paper's ablation
-    tables (Hyperloop variants; perplexity only, written to ablations.md / ablations.json)."""
+    """The main comparison (four architectures), or with `ablations` some of the paper's ablation
+    tables (Hyperloop variants; perplexity only, written to ablations.md / ablations.json).
+    gpus > 1 trains that many variants at a time, one process per GPU."""
     if scale not in SCALES:
         raise HyperloopError(f"unknown scale '{scale}' (known: {', '.join(SCALES)})")
     spec = dataclasses.replace(SCALES[scale], eval_max_tokens=eval_tokens or SCALES[scale].eval_max_tokens,
                                analysis_tokens=analysis_tokens or SCALES[scale].analysis_tokens,
                                calib_seqs=calib_seqs or SCALES[scale].calib_seqs)
-    variants = ablation_variants(ablation, scale) if ablation else main_variants(scale)
+    if ablations and "all" in ablations:
+        ablations = list(ABLATIONS)
+    if ablations:  # the union of the tables' variants: the shared reference rows are trained once
+        tables = {name: ablation_variants(name, scale) for name in ablations}
+        variants = list({v.name: v for rows in tables.values() for v in rows}.values())
+    else:
+        variants = main_variants(scale)
+    if gpus < 1:
+        raise HyperloopError(f"--gpus must be >= 1, got {gpus}")
     if data is not None and not data.startswith("hf:") and not Path(data).exists():
         raise HyperloopError(f"--data {data} does not exist: pass prepared shards or a corpus to prepare")
     out_dir = Path(out)
@@ -251,10 +325,14 @@ def reproduce(
         if lr_sweep:
             best_lr = _stage_sweep(out_dir, scale, lr_sweep, sweep_tokens or 20 * 2**20, data_dir, sets)
             sets += [f"train.lr={best_lr}", f"train.min_lr={best_lr / 10}"]
+        if gpus > 1 and not _train_parallel(variants, sets, data_dir, out_dir, gpus):
+            raise _Stopped
         results: dict[str, dict[str, Any]] = {}
         for variant in variants:
             run = out_dir / "runs" / variant.name
-            if _train_one(variant, sets, data_dir, run).get("stopped"):
+            if _run_complete(run):
+                print(f"{variant.name}: training complete, skipped", file=sys.stderr)
+            elif _train_one(variant, sets, data_dir, run).get("stopped"):
                 raise _Stopped
             results[variant.name] = {"run": run, "variant": variant}
     except _Stopped:
@@ -262,9 +340,11 @@ def reproduce(
         return {"stopped": True}
     for name, res in results.items():
         res["eval"] = _stage_eval(out_dir, name, res["run"], data_dir, eval_data or [],
-                                  None if ablation else tasks_dir, spec, device)  # fmt: skip
-    if ablation:
-        return write_ablation_report(out_dir, ablation, results)
+                                  None if ablations else tasks_dir, spec, device)  # fmt: skip
+    if ablations:
+        for name, rows in tables.items():
+            summary = write_ablation_report(out_dir, name, {v.name: results[v.name] for v in rows})
+        return summary
     for name, res in results.items():
         res["int4"] = _stage_int4(out_dir, name, res["run"], data_dir, spec, device)
     from hyperloop.analysis.report import analyze
@@ -457,9 +537,9 @@ def _plot_ablation(path: Path, name: str, rows: dict[str, dict[str, Any]]) -> No
 def reproduce_from_cli(args) -> None:
     summary = reproduce(
         args.scale, args.out, data=args.data, eval_data=args.eval_data, tasks_dir=args.tasks_dir, steps=args.steps,
-        lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, ablation=args.ablation,
-        eval_tokens=args.eval_tokens, analysis_tokens=args.analysis_tokens, calib_seqs=args.calib_seqs,
-        device=args.device,
+        lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, ablations=args.ablation,
+        gpus=args.gpus, eval_tokens=args.eval_tokens, analysis_tokens=args.analysis_tokens,
+        calib_seqs=args.calib_seqs, device=args.device,
     )  # fmt: skip
     if summary.get("stopped"):
         return

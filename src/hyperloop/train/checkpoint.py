@@ -23,16 +23,17 @@ STATE_FILE = "train_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
+    # Only this rank's own GPU: a checkpoint written on N GPUs must resume on any number of them.
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_training_checkpoint(
