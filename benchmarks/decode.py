@@ -1,8 +1,9 @@
 """Decode figures (issue 8): prints JSON and, with --out DIR, updates DIR/decode.json + DIR/decode.md.
 
 speed     prefill / decode tokens/s and peak memory of random-weight models at batch 1 and 32 next
-          to HF transformers' LlamaForCausalLM.generate of the Transformer's shape (`hf-llama-s`; the
-          target is ours >= 1.5x), and the looped presets at every test-time loop count K' <= K.
+          to HF transformers' LlamaForCausalLM.generate of the Transformer's shape (`hf-llama-s`: eager,
+          dynamic cache; `hf-llama-s:static`: static cache, compiled by HF; the target is ours >= 1.5x
+          the faster of the two), and the looped presets at every test-time loop count K' <= K.
 tradeoff  (with --ckpt and --data) on a trained looped model: perplexity, mean loops per token and
           batch-1 decode tokens/s at K' = 1..K loops and at several early-exit thresholds, teacher-
           forced token by token through the KV cache (hyperloop.infer.tradeoff).
@@ -27,17 +28,24 @@ import torch
 from hyperloop.checkpoint import load_model
 from hyperloop.config import get_preset
 from hyperloop.data.loader import EvalWindows, TokenData
-from hyperloop.infer.bench import HF_PREFIX, add_speedups, bench_device, build_model, decode_rows, environment
+from hyperloop.infer.bench import (
+    add_speedups,
+    bench_device,
+    build_model,
+    decode_rows,
+    environment,
+    preset_config,
+)
 from hyperloop.infer.tradeoff import decode_perplexity
 
-SPEED_PRESETS = ["transformer-s", "looped-s", "hyperloop-s", "hf-llama-s"]
+SPEED_PRESETS = ["transformer-s", "looped-s", "hyperloop-s", "hf-llama-s", "hf-llama-s:static"]
 SMOKE_PRESETS = ["transformer-tiny", "hyperloop-tiny", "hf-llama-tiny"]
 
 
 def speed(args) -> dict:
     rows = decode_rows(args.presets, args.batch, args.prompt_len, args.new_tokens, compile=args.compile)
     for name in args.presets:  # the looped presets again at fewer loops than trained
-        trained = get_preset(name.replace(HF_PREFIX, "transformer-", 1)).num_loops
+        trained = preset_config(name).num_loops
         for loops in range(1, trained):
             rows += decode_rows([name], args.batch, args.prompt_len, args.new_tokens, num_loops=loops,
                                 compile=args.compile)  # fmt: skip

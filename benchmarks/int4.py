@@ -88,13 +88,14 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     for preset in args.presets:
         cfg = get_preset(preset)
         model = build_model(cfg, device, dtype, int4=False)
-        float_row = time_decoder(model, 1, args.prompt_len, args.new_tokens)
+        float_row = time_decoder(model, 1, args.prompt_len, args.new_tokens, compile=args.compile)
         float_bytes = model_bytes(model)
         quantize_rtn(model, bits=4, group_size=args.group_size)
-        int4_row = time_decoder(model, 1, args.prompt_len, args.new_tokens)
+        int4_row = time_decoder(model, 1, args.prompt_len, args.new_tokens, compile=args.compile)
         row = {
             "preset": preset,
             "dtype": str(dtype).removeprefix("torch."),
+            "compile": args.compile,
             "float_tok_s": float_row["decode_tok_s"],
             "int4_tok_s": int4_row["decode_tok_s"],
             "speedup": int4_row["decode_tok_s"] / float_row["decode_tok_s"],
@@ -308,6 +309,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     parser.add_argument("--eval-tokens", type=int, default=1_000_000, help="ppl: validation tokens scored")
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="decode: torch.compile the step before the CUDA graph")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument(
         "--out", default=None, metavar="DIR", help="merge into DIR/int4.json and rewrite DIR/int4.md"

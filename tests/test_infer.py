@@ -342,8 +342,9 @@ def test_cli_bad_input_one_line(checkpoint, capsys, extra, match):
 def test_bench_decode_smoke(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "decode.json"
-    assert main(["bench", "decode", "--preset", "hyperloop-tiny", "hf-llama-tiny", "--batch", "2",
-                 "--prompt-len", "4", "--new-tokens", "3", "--json", str(out)]) == 0  # fmt: skip
+    assert main(["bench", "decode", "--preset", "hyperloop-tiny", "hf-llama-tiny", "hf-llama-tiny:static",
+                 "--batch", "2", "--prompt-len", "4", "--new-tokens", "3", "--json", str(out)]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert [r["preset"] for r in rows] == ["hyperloop-tiny", "hf-llama-tiny"]
-    assert rows[0]["decode_tok_s"] > 0 and "decode_speedup_vs_hf" in rows[0]
+    assert [r["preset"] for r in rows] == ["hyperloop-tiny", "hf-llama-tiny", "hf-llama-tiny:static"]
+    fastest_hf = max(rows[1]["decode_tok_s"], rows[2]["decode_tok_s"])
+    assert rows[0]["decode_speedup_vs_hf"] == pytest.approx(rows[0]["decode_tok_s"] / fastest_hf)

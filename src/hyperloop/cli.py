@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="throughput benchmarks (train or decode)")
     p.add_argument("what", choices=["train", "decode"])
     p.add_argument("--preset", nargs="+", required=True, metavar="P",
-                   help="preset(s); `hf-llama-<scale>` benchmarks HF LlamaForCausalLM of that shape")
+                   help="preset(s); `hf-llama-<scale>` benchmarks HF LlamaForCausalLM.generate of that shape "
+                   "(dynamic cache, eager), `hf-llama-<scale>:static` with a static cache (HF compiles it on CUDA)")
     p.add_argument("--micro-batch", type=int, default=None, metavar="B")
     p.add_argument("--seq-len", type=int, default=None, metavar="T")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps")
