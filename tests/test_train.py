@@ -180,3 +180,16 @@ def test_checkpoint_loads_for_inference(demo_data, reference_run):
     assert loaded.meta["step"] == 40 and loaded.tokenizer().vocab_size == 32000
     x = torch.randint(0, 32000, (1, 8))
     assert loaded.model(x).shape == (1, 8, 32000)
+
+
+def test_bench_train_rows_and_profile(tmp_path):
+    """`hyperloop bench train` times full optimizer steps; --profile writes the operator table."""
+    from hyperloop.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--preset", "hyperloop-tiny", "--micro-batch", "2", "--seq-len", "64", "--steps", "2",
+                 "--no-compile", "--profile", str(tmp_path / "prof"), "--json", str(out)]) == 0  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "hyperloop-tiny" and row["tok_s"] > 0 and row["micro_batch"] == 2
+    table = (tmp_path / "prof" / "hyperloop-tiny.txt").read_text()
+    assert "2 optimizer steps" in table and "aten::" in table

@@ -9,7 +9,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 | tee "$OUT/test_gpu.txt"
 python -m hyperloop bench train --preset ${PRESETS:-transformer-s hf-llama-s hyperloop-s looped-s mhc-s} \
-  --micro-batch ${MICRO:-16} --seq-len 2048 --steps ${STEPS:-10} --json "$OUT/train-throughput.json" 2>&1 \
+  --micro-batch ${MICRO:-16} --seq-len 2048 --steps ${STEPS:-10} --json "$OUT/train-throughput.json" \
+  --profile "$OUT/profile" 2>&1 \
   | grep -v Warning | tee "$OUT/bench.log"
 if [ -n "${XS_PRESETS:-transformer-xs mhc-xs hyperloop-xs}" ]; then
   python -m hyperloop bench train --preset ${XS_PRESETS:-transformer-xs mhc-xs hyperloop-xs} --micro-batch ${XS_MICRO:-32} \

@@ -211,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="throughput benchmarks (train or decode)")
     p.add_argument("what", choices=["train", "decode"])
     p.add_argument("--preset", nargs="+", required=True, metavar="P",
-                   help="preset(s); `hf-llama-<scale>` benchmarks HF LlamaForCausalLM.generate of that shape "
-                   "(dynamic cache, eager), `hf-llama-<scale>:static` with a static cache (HF compiles it on CUDA)")
+                   help="preset(s); `hf-llama-<scale>` benchmarks HF LlamaForCausalLM of that shape (decode: "
+                   "generate with its dynamic cache, eager; `hf-llama-<scale>:static`: a static cache, compiled by HF on CUDA)")
     p.add_argument("--micro-batch", type=int, default=None, metavar="B")
     p.add_argument("--seq-len", type=int, default=None, metavar="T")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="train: profile 2 more steps per preset; DIR/<preset>.txt lists the kernels by GPU time")
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="decode batch size(s)")
     p.add_argument("--prompt-len", type=int, default=128, metavar="L")
     p.add_argument("--new-tokens", type=int, default=128, metavar="N")

@@ -49,7 +49,8 @@ def build(preset: str) -> tuple[torch.nn.Module, ModelConfig, Callable]:
     return HyperloopLM(cfg), cfg, lambda m, x, y: m(x, y)
 
 
-def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_on: bool, device) -> dict[str, Any]:
+def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_on: bool, device,
+              profile_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
     model, cfg, loss_fn = build(preset)
     model.to(device).train()
     cuda = device.type == "cuda"
@@ -86,6 +87,8 @@ def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_o
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     tok_s = steps * micro_batch * seq_len / elapsed
+    if profile_dir:
+        profile_steps(step, preset, profile_dir, device)
     peak = peak_flops(device)
     row = {
         "model": preset, "tok_s": round(tok_s, 1),
@@ -94,6 +97,25 @@ def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_o
         "micro_batch": micro_batch, "seq_len": seq_len, "compile": compile_on, "warmup_s": round(warmup_s, 1),
     }  # fmt: skip
     return row
+
+
+def profile_steps(step: Callable[[], None], preset: str, out: str, device, steps: int = 2) -> None:
+    """Run `steps` more optimizer steps under torch.profiler and write the operators and kernels that
+    take the most device time (self time, so nothing is counted twice) to OUT/<preset>.txt."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(out, f"{preset}.txt").write_text(f"{preset}: {steps} optimizer steps\n"
+                                          + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
 
 
 def bench_train(args) -> dict[str, Any]:
@@ -106,7 +128,8 @@ def bench_train(args) -> dict[str, Any]:
         micro_batch = args.micro_batch or recipe.micro_batch
         seq_len = args.seq_len or recipe.seq_len
         try:
-            rows.append(bench_one(preset, micro_batch, seq_len, args.steps or 10, compile_on, device))
+            rows.append(bench_one(preset, micro_batch, seq_len, args.steps or 10, compile_on, device,
+                                  getattr(args, "profile", None)))  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             rows.append({"model": preset, "error": "out of memory", "micro_batch": micro_batch, "seq_len": seq_len})
         print(rows[-1], flush=True)
