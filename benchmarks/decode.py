@@ -103,7 +103,8 @@ def markdown(results: dict) -> str:
         lines += table(
             f"Speed (random weights; prompt {s['prompt_len']}, {s['new_tokens']} new tokens, greedy)", s,
             "Ours: static KV cache, on CUDA the decode step replayed as a CUDA graph. "
-            "HF: `LlamaForCausalLM.generate` (dynamic cache, SDPA, eager).",
+            "HF: `LlamaForCausalLM.generate` with SDPA, `hf-llama-s` eager with its dynamic cache, "
+            "`hf-llama-s:static` with a static cache that HF compiles; 'vs HF' divides by the faster of the two.",
             ["model", "loops", "batch", "prefill tok/s", "decode tok/s", "ms / step", "decode vs HF", "peak GiB"],
             rows,
         )  # fmt: skip
@@ -119,6 +120,8 @@ def markdown(results: dict) -> str:
             ["loops K'", "exit threshold", "perplexity", "mean loops / token", "decode tok/s"],
             rows,
         )  # fmt: skip
+    if results.get("notes"):  # kept in decode.json (written by hand), so a rerun does not drop them
+        lines += ["Notes:", *(f"- {note}" for note in results["notes"]), ""]
     return "\n".join(lines)
 
 

@@ -4,6 +4,10 @@ Sections (--sections, default: decode and quant-time, plus ppl when --ckpt is gi
   decode      tokens/s of greedy decoding at batch 1 (KV cache + CUDA graph: hyperloop.infer's Decoder)
               of random-weight models in bf16 and with RTN int4 linears, and the int4 kernel's output
               against the dequantize-then-matmul reference on the same model.
+  layer-error one RTN-quantized (1024 x 1024) linear: the int4 kernel (tinygemm; its CPU build without
+              a GPU) against dequantize-then-matmul in fp32, next to the two roundings it contains:
+              the weights rounded to bf16 (what the dequantize path in bf16 does too) and the grid
+              (scales, float zeros) rounded to the bf16 that tinygemm reads.
   quant-time  wall time of GPTQ on one model with calib-seqs x calib-len calibration tokens (random
               tokens unless --data is given; the time does not depend on their values).
   ppl         validation perplexity of trained checkpoints: bf16, RTN, GPTQ loop-aware ("all"),
@@ -44,7 +48,7 @@ from hyperloop.quant.convert import calibration_tokens
 from hyperloop.quant.linear import QuantLinear
 from hyperloop.quant.quantize import quantize_gptq, quantize_rtn
 
-SECTIONS = ("decode", "quant-time", "ppl")
+SECTIONS = ("decode", "layer-error", "quant-time", "ppl")
 KERNEL_TOLERANCE = 0.02  # bf16 rounding of weights and float zeros gives ~4e-3 (reference notes)
 RUN_KEYS = ("command", "device", "torch", "date")  # stored with every row: rows of several runs are merged
 
@@ -188,12 +192,40 @@ def bench_perplexity(args, device: torch.device) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def layer_error(device: torch.device, size: int = 1024, group_size: int = 128, rows: int = 16) -> dict:
+    """Where the kernel's error comes from, on one linear with S-like weights (std 0.02)."""
+    from hyperloop.quant.grid import rtn
+    from hyperloop.quant.linear import int4_tinygemm_weight, tinygemm_scales_and_zeros
+
+    g = torch.Generator().manual_seed(0)
+    q = rtn(torch.randn(size, size, generator=g) * 0.02, bits=4, group_size=group_size)
+    x = torch.randn(rows, size, generator=g).to(device, torch.bfloat16)
+    grid = tinygemm_scales_and_zeros(q.scales, q.zeros)
+    if device.type == "cuda":
+        out = torch.ops.aten._weight_int4pack_mm(x, int4_tinygemm_weight(q.codes.to(device), 8), group_size, grid.to(device))
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 1)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, grid)
+    w = q.dequantize().to(device)
+    gi = q.g_idx.long()
+    w_grid = (q.codes.float() - 8) * grid[gi, :, 0].float().T + grid[gi, :, 1].float().T  # what tinygemm holds
+    ref = x.float() @ w.T
+    rel = lambda y: float((y.float() - ref).norm() / ref.norm())  # noqa: E731
+    return {"shape": f"{size}x{size}", "group_size": group_size, "kernel": "tinygemm " + device.type,
+            "kernel_vs_dequant": rel(out), "bf16_weights": rel(x.float() @ w.bfloat16().float().T),
+            "bf16_grid": rel(x.float() @ w_grid.to(device).T)}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ report
-KEYS = {"decode": "preset", "quant-time": "preset", "ppl": "checkpoint"}
+KEYS = {"decode": "preset", "layer-error": "shape", "quant-time": "preset", "ppl": "checkpoint"}
 COLUMNS = {
     "decode": [("preset", "model"), ("dtype", "float dtype"), ("float_tok_s", "float tok/s"),
                ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"), ("float_model_gb", "float GB"),
                ("int4_model_gb", "int4 GB"), ("kernel_vs_dequant_rel_error", "kernel rel. err")],
+    "layer-error": [("shape", "weight"), ("group_size", "group"), ("kernel", "kernel"),
+                    ("kernel_vs_dequant", "kernel vs dequant (fp32)"), ("bf16_weights", "bf16 weights alone"),
+                    ("bf16_grid", "bf16 grid alone")],
     "quant-time": [("preset", "model"), ("seconds", "GPTQ seconds"), ("group_size", "group"),
                    ("calib_seqs", "calib seqs"), ("calib_len", "tokens each"),
                    ("calib_source", "calibration")],
@@ -203,6 +235,7 @@ COLUMNS = {
 }  # fmt: skip
 TITLES = {
     "decode": "Decode speed at batch 1 (greedy, KV cache), random weights, RTN int4 linears",
+    "layer-error": "One linear layer: int4 kernel against dequantize-then-matmul (relative output error)",
     "quant-time": "GPTQ wall time",
     "ppl": "Validation perplexity after INT4 (trained checkpoints)",
 }
@@ -240,6 +273,8 @@ def markdown(results: dict) -> str:
             lines.append("|" + "---|" * len(columns))
             lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
             lines.append("")
+    if results.get("notes"):  # kept in int4.json (written by hand), so a rerun does not drop them
+        lines += ["Notes:", *(f"- {note}" for note in results["notes"]), ""]
     return "\n".join(lines)
 
 
@@ -332,6 +367,8 @@ def main() -> None:
         info = run_info(device)
         if "decode" in sections:
             results["decode"] = bench_decode(args, device, dtype)
+        if "layer-error" in sections:
+            results["layer-error"] = [layer_error(device)]
         if "quant-time" in sections:
             results["quant-time"] = bench_quant_time(args, device)
         if "ppl" in sections:
