@@ -140,6 +140,27 @@ def test_sinkhorn_is_doubly_stochastic():
     assert torch.isfinite(sinkhorn(torch.full((3, 3), 1e4), 20)).all()  # log domain: no overflow
 
 
+@pytest.mark.parametrize("h_res", ["sinkhorn", "diagonal", "identity"])
+def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
+    """The streams are the residual stream: under bf16 autocast, reading one stream out and keeping
+    the streams through H_res must not round them to bf16 (einsum would run as a bf16 matmul)."""
+    from hyperloop.model.hyper import HyperConnection
+
+    hc = HyperConnection(16, 4, h_res)
+    y = 1.0 + 1e-4 * torch.randn(2, 3, 4, 16)  # bf16 keeps 8 significant bits: it would drop the 1e-4
+    one_hot = torch.zeros(2, 3, 4)
+    one_hot[..., 1] = 1.0
+    keep = {"sinkhorn": torch.eye(4).expand(2, 3, 4, 4), "diagonal": torch.ones(2, 3, 4), "identity": None}[h_res]
+    hc.coefficients = lambda _: (one_hot, torch.zeros(2, 3, 4), keep)  # H_pre = e_1, H_post = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.einsum("...n,...nc->...c", one_hot, y)  # what autocast makes of the read's einsum
+        x, coeffs = hc.read(y)
+        written = hc.write(y, torch.zeros(2, 3, 16), coeffs)
+    assert plain.dtype == torch.bfloat16
+    torch.testing.assert_close(x, y[..., 1, :], rtol=0, atol=0)
+    torch.testing.assert_close(written, y, rtol=0, atol=0)
+
+
 def test_activations_stay_well_scaled_through_loops_at_init():
     """At init a Hyperloop loop maps s -> about s + delta (spec 2d); the naive H_res = H_post = 1
     would map it to 2s + delta and blow the stream up by 2^K."""

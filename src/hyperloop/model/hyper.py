@@ -11,7 +11,9 @@ One site (spec 2b for mHC, 2d for Hyperloop), for streams y of shape (..., n, C)
     y'     = H_res y + H_post (F(H_pre y) + e)            e: loop position embedding (Hyperloop only)
 
 W_pre, W_post, W_res are stored stacked in one matrix so the three projections are one matmul.
-The mixing coefficients are computed in fp32 whatever the activation dtype.
+The coefficients, and the stream combines that use them, are computed in fp32 whatever the
+activation dtype: the streams are the residual stream, and bf16 autocast would otherwise run the
+einsums as bf16 matmuls and round every stream to bf16 at every site (32 times per mHC-S forward).
 
 Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
 H_pre = 1/n makes H_pre y the plain residual stream. When F is a bare sub-layer (mHC), H_res = I
@@ -114,7 +116,8 @@ class HyperConnection(nn.Module):
     def read(self, y: torch.Tensor):
         """Start a site: the branch input H_pre y and the coefficients to finish it with."""
         coeffs = self.coefficients(y)
-        x = torch.einsum("...n,...nc->...c", coeffs[0], y.float())
+        with torch.autocast(y.device.type, enabled=False):
+            x = torch.einsum("...n,...nc->...c", coeffs[0], y.float())
         return x.type_as(y), coeffs
 
     def write(self, y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
@@ -127,7 +130,8 @@ class HyperConnection(nn.Module):
         elif self.h_res == "diagonal":  # one gate per stream
             kept = h_res.unsqueeze(-1) * y
         else:  # dense doubly stochastic mixing of the streams
-            kept = torch.einsum("...ij,...jc->...ic", h_res, y.float())
+            with torch.autocast(y.device.type, enabled=False):
+                kept = torch.einsum("...ij,...jc->...ic", h_res, y.float())
         return (kept + h_post.unsqueeze(-1) * out.unsqueeze(-2)).type_as(y)
 
     def forward(self, y: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
