@@ -165,12 +165,12 @@ def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, o
 
     todo = [v for v in variants if not _run_complete(out / "runs" / v.name)]
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    running: dict[int, tuple[subprocess.Popen, Variant]] = {}
+    running: dict[int, tuple[subprocess.Popen, Variant, Any]] = {}  # GPU slot -> (process, variant, log file)
     stop = {"requested": False}
 
     def on_signal(signum, frame) -> None:
         stop["requested"] = True
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -185,13 +185,14 @@ def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, o
                        "--out", str(out / "runs" / variant.name), "--set", *variant.overrides, *overrides]  # fmt: skip
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot), "OMP_NUM_THREADS": str(threads)}
                 log = (out / "logs" / f"{variant.name}.log").open("a")
-                running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), variant)
+                running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), variant, log)
                 print(f"[gpu {slot}] training {variant.name} (log: {log.name})", flush=True)
             time.sleep(0.5)
-            for slot, (proc, variant) in list(running.items()):
+            for slot, (proc, variant, log) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[slot]
+                log.close()
                 if proc.returncode != 0 and not stop["requested"]:
                     on_signal(None, None)  # one failure stops the others cleanly (they checkpoint)
                     raise HyperloopError(f"training {variant.name} failed (exit {proc.returncode}); "
