@@ -161,6 +161,23 @@ def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
     torch.testing.assert_close(written, y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("res_init", [0.1, 0.5, 0.9])
+def test_hyperloop_site_maps_s_to_s_plus_a_share_of_delta_at_init(res_init):
+    """With equal streams s and the block returning s + delta, a Hyperloop site at init (input-
+    dependent part off) writes H_res s + H_post (s + delta) = s + (1 - res_init) delta."""
+    from hyperloop.model.hyper import HyperConnection, expand_streams
+
+    hc = HyperConnection(16, 4, "diagonal", wraps_residual=True, res_init=res_init)
+    with torch.no_grad():
+        hc.alpha.zero_()
+    s, delta = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    y = expand_streams(s, 4)
+    x, coeffs = hc.read(y)
+    torch.testing.assert_close(x, s)
+    expected = expand_streams(s + (1 - res_init) * delta, 4)
+    torch.testing.assert_close(hc.write(y, x + delta, coeffs), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_activations_stay_well_scaled_through_loops_at_init():
     """At init a Hyperloop loop maps s -> about s + delta (spec 2d); the naive H_res = H_post = 1
     would map it to 2s + delta and blow the stream up by 2^K."""
@@ -248,7 +265,7 @@ def test_config_json_round_trip(tmp_path):
     "bad,match",
     [({"n_streams": 0}, "n_streams"), ({"n_heads": 5}, "does not divide"), ({"h_res": "dense"}, "h_res"),
      ({"hc_placement": "everywhere"}, "hc_placement"), ({"num_loops": 0}, "num_loops"),
-     ({"hc_span": 2}, "hc_span"), ({"lora_rank": 4, "num_loops": 1}, "lora_rank")],
+     ({"hc_span": 2}, "hc_span"), ({"lora_rank": 4, "num_loops": 1}, "lora_rank"), ({"hc_res_init": 1.0}, "hc_res_init")],
 )  # fmt: skip
 def test_bad_structure_is_one_clear_error(bad, match):
     with pytest.raises(HyperloopError, match=match):

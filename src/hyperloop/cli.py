@@ -325,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, metavar="N", help="validation tokens for perplexity (default: per scale)")
     p.add_argument("--analysis-tokens", type=int, metavar="N", help="tokens for the analyses (default: per scale)")
     p.add_argument("--calib-seqs", type=int, metavar="N", help="GPTQ calibration sequences (default: per scale)")
-    p.add_argument("--ablation", nargs="+", choices=["streams", "h_res", "placement", "structure", "lora", "all"],
+    p.add_argument("--ablation", nargs="+", choices=["streams", "h_res", "placement", "structure", "lora", "init", "all"],
                    metavar="NAME", help="train and compare the variants of the paper's ablations instead "
-                   "(streams, h_res, placement, structure, lora, or all; writes ablations.md)")
+                   "(streams, h_res, placement, structure, lora; init: Hyperloop's H_res/H_post at init; "
+                   "or all; writes ablations.md)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train N models at a time, one process per GPU (logs in OUT/logs/)")
     p.add_argument("--device", default=None, help="device for eval/quant/analysis (default: cuda if available)")

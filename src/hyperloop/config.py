@@ -65,6 +65,9 @@ class ModelConfig:
     h_res: str = "diagonal"  # diagonal (Hyperloop) | sinkhorn (mHC) | identity
     sinkhorn_iters: int = 20
     loop_embedding: bool = True  # e_l of spec 2d, one per span-HC
+    # Hyperloop sites at init: diagonal H_res = hc_res_init, H_post = 1 - hc_res_init, so one loop maps
+    # a stream s to s + (1 - hc_res_init) delta (spec 2d asks for about s + delta; 0.5 gives s + delta/2).
+    hc_res_init: float = 0.5
     lora_rank: int = 0  # per-loop LoRA on the shared middle layers (LoRA-relaxed looped baseline)
     init_std: float = 0.02
 
@@ -89,6 +92,7 @@ class ModelConfig:
         need(self.h_res in H_RES_KINDS, f"h_res must be one of {H_RES_KINDS}")
         need(isinstance(self.n_streams, int) and self.n_streams >= 1, "n_streams must be >= 1")
         need(self.sinkhorn_iters >= 1, "sinkhorn_iters must be >= 1")
+        need(0.0 < self.hc_res_init < 1.0, "hc_res_init must be in (0, 1)")
         if self.hc_span is not None:
             need(isinstance(self.hc_span, int) and self.hc_span >= 1, "hc_span must be a positive integer or null")
             need(self.hc_placement == "span", "hc_span only applies to hc_placement='span'")

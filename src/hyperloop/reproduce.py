@@ -97,13 +97,16 @@ def ablation_variants(name: str, scale: str) -> list[Variant]:
             tag = "" if not sets else f"-{m}x{k}"
             rows += [Variant(f"hyperloop{tag}", hyper, sets), Variant(f"looped{tag}", looped, sets)]
         return rows
+    if name == "init":  # H_res = r, H_post = 1 - r at init: a loop maps s to s + (1 - r) delta (spec 2d: about s + delta)
+        return [ref if r == cfg.hc_res_init else Variant(f"init-{r:g}", hyper, [f"model.hc_res_init={r}"])
+                for r in (0.1, cfg.hc_res_init, 0.9)]  # fmt: skip
     if name == "lora":
         return [Variant("looped", looped)] + [Variant(f"lora-{r}", looped, [f"model.lora_rank={r}"])
                                               for r in (8, 32)] + [ref]  # fmt: skip
     raise HyperloopError(f"unknown ablation '{name}' (known: {', '.join(ABLATIONS)})")
 
 
-ABLATIONS = ("streams", "h_res", "placement", "structure", "lora")
+ABLATIONS = ("streams", "h_res", "placement", "structure", "lora", "init")
 # The paper's S-scale PPL for the rows it reports (spec section 5).
 PAPER_ABLATION_PPL = {
     "streams-2": 14.43, "hyperloop": 14.40, "streams-6": 14.38, "streams-8": 14.39, "span-1": 14.45,

@@ -18,9 +18,10 @@ einsums as bf16 matmuls and round every stream to bf16 at every site (32 times p
 Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
 H_pre = 1/n makes H_pre y the plain residual stream. When F is a bare sub-layer (mHC), H_res = I
 and H_post = 1 then give exactly y + F(y): a plain Transformer. When F is a whole middle block that
-keeps its own residuals (Hyperloop), F(x) = x + delta already contains x, so H_res = H_post = 1/2
-makes one loop map s -> s + delta/2 instead of 2s + delta (the scale pitfall of spec 2d). a_* start
-at 0.01 so the input-dependent part starts small but trainable.
+keeps its own residuals (Hyperloop), F(x) = x + delta already contains x, so H_res = r and
+H_post = 1 - r (r = res_init, 1/2 by default) make one loop map s -> s + (1 - r) delta instead of
+2s + delta (the scale pitfall of spec 2d). a_* start at 0.01 so the input-dependent part starts small
+but trainable.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ class HyperConnection(nn.Module):
         sinkhorn_iters: int = 20,
         wraps_residual: bool = False,
         loop_embedding: bool = False,
+        res_init: float = 0.5,
     ):
         super().__init__()
         self.dim, self.n, self.h_res, self.sinkhorn_iters = dim, n_streams, h_res, sinkhorn_iters
-        self.wraps_residual = wraps_residual
+        self.wraps_residual, self.res_init = wraps_residual, res_init
         n = n_streams
         self.res_rows = {"sinkhorn": n * n, "diagonal": n, "identity": 0}[h_res]
         rows = 2 * n + self.res_rows
@@ -77,8 +79,8 @@ class HyperConnection(nn.Module):
         # z has unit RMS, so this std gives W z unit variance; a = 0.01 then keeps it a perturbation.
         nn.init.normal_(self.weight, std=(n * self.dim) ** -0.5)
         nn.init.constant_(self.alpha, ALPHA_INIT)
-        res_keep = 0.5 if self.wraps_residual else 1.0  # diagonal H_res at init
-        post = 0.5 if self.wraps_residual else 1.0  # H_post at init
+        res_keep = self.res_init if self.wraps_residual else 1.0  # diagonal H_res at init
+        post = 1.0 - self.res_init if self.wraps_residual else 1.0  # H_post at init
         b_pre = torch.full((n,), _logit(1.0 / n))
         b_post = torch.full((n,), _logit(post / 2))
         if self.h_res == "diagonal":
