@@ -145,7 +145,6 @@ def _train_one(variant: Variant, overrides: list[str], data: Path, run: Path) ->
 
 def _run_complete(run: Path) -> bool:
     """Whether the run folder holds a checkpoint at the last step of its schedule."""
-    from hyperloop.config import ModelConfig
     from hyperloop.train.recipe import TrainConfig, token_budget, total_steps
 
     if not (run / "latest").is_file():
