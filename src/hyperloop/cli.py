@@ -10,6 +10,19 @@ import sys
 from hyperloop.errors import HyperloopError
 
 
+def lazy(target: str):
+    """A subcommand handled entirely by `module:function(args)`, imported only when it runs (so
+    `hyperloop --help` and the light subcommands start without importing torch-heavy modules)."""
+
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        module, name = target.split(":")
+        getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------- params
 def cmd_params(args: argparse.Namespace) -> None:
     from hyperloop.config import PAPER_PARAMS, PRESETS, count_params, get_preset
@@ -52,13 +65,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "splits")}, indent=2))
 
 
-# ------------------------------------------------------------------------------------------ train
-def cmd_train(args: argparse.Namespace) -> None:
-    from hyperloop.train.loop import train_from_cli
-
-    train_from_cli(args)
-
-
 # ------------------------------------------------------------------------------------------ bench
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "train":
@@ -98,13 +104,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                 print(f"note: {what} on {len(summary[key])} layer(s): {', '.join(summary[key])}")
 
 
-# --------------------------------------------------------------------------------------- generate
-def cmd_generate(args: argparse.Namespace) -> None:
-    from hyperloop.infer.text import generate_from_cli
-
-    generate_from_cli(args)
-
-
 # ---------------------------------------------------------------------------------------- analyze
 def cmd_analyze(args: argparse.Namespace) -> None:
     from hyperloop.analysis import DEFAULT_TOKENS, analyze, summary_markdown
@@ -126,13 +125,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     else:
         print(summary_markdown(report, details=False))
         print(f"per-layer tables: {report['files']['summary.md']}; figures and JSON in {args.out}")
-
-
-# -------------------------------------------------------------------------------------- reproduce
-def cmd_reproduce(args: argparse.Namespace) -> None:
-    from hyperloop.reproduce import reproduce_from_cli
-
-    reproduce_from_cli(args)
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -206,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override model.* or train.* keys, e.g. train.lr=3e-4 model.n_streams=2")
     p.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=lazy("hyperloop.train.loop:train_from_cli"))
 
     p = sub.add_parser("bench", help="throughput benchmarks (train or decode)")
     p.add_argument("what", choices=["train", "decode"])
@@ -281,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--json", action="store_true", help="print {text, tokens, loops_used, ...} instead of streaming")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=lazy("hyperloop.infer.text:generate_from_cli"))
 
     p = sub.add_parser("analyze", help="cross-loop similarity and logit lens of checkpoints, side by side (paper section 8)",
                        description="For each checkpoint: the cosine similarity between the residual-stream outputs of all "
@@ -332,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train N models at a time, one process per GPU (logs in OUT/logs/)")
     p.add_argument("--device", default=None, help="device for eval/quant/analysis (default: cuda if available)")
-    p.set_defaults(func=cmd_reproduce)
+    p.set_defaults(func=lazy("hyperloop.reproduce:reproduce_from_cli"))
 
     p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks (lm-eval semantics)",
                        description="Perplexity over non-overlapping windows of the model's context length on a "
