@@ -12,8 +12,9 @@ One site (spec 2b for mHC, 2d for Hyperloop), for streams y of shape (..., n, C)
 
 W_pre, W_post, W_res are stored stacked in one matrix so the three projections are one matmul.
 The coefficients, and the stream combines that use them, are computed in fp32 whatever the
-activation dtype: the streams are the residual stream, and bf16 autocast would otherwise run the
-einsums as bf16 matmuls and round every stream to bf16 at every site (32 times per mHC-S forward).
+activation dtype: the streams are the residual stream, and rounding them to bf16 at every site (32
+times per mHC-S forward) costs accuracy. The combines are plain multiply-adds over the n streams
+(`combine`), which autocast leaves in fp32 and torch.compile fuses into one pass.
 
 Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
 H_pre = 1/n makes H_pre y the plain residual stream. When F is a bare sub-layer (mHC), H_res = I
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ALPHA_INIT = 0.01
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for fp32
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -44,6 +46,17 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows sum to 1
         log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns sum to 1
     return log_p.exp()
+
+
+def combine(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[..., j] * streams[..., j, :], written out over the n streams rather than as an
+    einsum: an einsum becomes a batched matmul of B*T tiny n x n products (a bf16 one under autocast,
+    a separate slow kernel either way), while n multiply-adds stay fp32 and torch.compile fuses them
+    with the surrounding element-wise work into one pass over the streams."""
+    out = weights[..., 0, None] * streams[..., 0, :]
+    for j in range(1, weights.shape[-1]):
+        out = out + weights[..., j, None] * streams[..., j, :]
+    return out
 
 
 def _logit(p: float) -> float:
@@ -97,10 +110,13 @@ class HyperConnection(nn.Module):
     def coefficients(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """H_pre (..., n), H_post (..., n), H_res ((..., n) diagonal, (..., n, n) sinkhorn, None identity)."""
         n = self.n
-        z = F.rms_norm(y.flatten(-2).float(), (n * self.dim,))
+        flat = y.flatten(-2).float()
         split = [n, n, self.res_rows]
         with torch.autocast(y.device.type, enabled=False):  # keep the tiny projection in fp32
-            pre, post, res = F.linear(z, self.weight.float()).split(split, dim=-1)
+            # W z with z = flat / rms(flat), computed as (W flat) / rms(flat): the normalised copy of
+            # the n*C-wide streams is never written out (one pass over the streams fewer, each way).
+            inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + RMS_EPS)
+            pre, post, res = (F.linear(flat, self.weight.float()) * inv_rms).split(split, dim=-1)
         b_pre, b_post, b_res = self.bias.float().split(split)
         a = self.alpha.float()
         h_pre = torch.sigmoid(a[0] * pre + b_pre)
@@ -118,8 +134,7 @@ class HyperConnection(nn.Module):
     def read(self, y: torch.Tensor):
         """Start a site: the branch input H_pre y and the coefficients to finish it with."""
         coeffs = self.coefficients(y)
-        with torch.autocast(y.device.type, enabled=False):
-            x = torch.einsum("...n,...nc->...c", coeffs[0], y.float())
+        x = combine(coeffs[0], y.float())
         return x.type_as(y), coeffs
 
     def write(self, y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
@@ -131,9 +146,8 @@ class HyperConnection(nn.Module):
             kept = y
         elif self.h_res == "diagonal":  # one gate per stream
             kept = h_res.unsqueeze(-1) * y
-        else:  # dense doubly stochastic mixing of the streams
-            with torch.autocast(y.device.type, enabled=False):
-                kept = torch.einsum("...ij,...jc->...ic", h_res, y.float())
+        else:  # dense doubly stochastic mixing of the streams: kept_i = sum_j H_res[i, j] y_j
+            kept = combine(h_res, y.float().unsqueeze(-3))
         return (kept + h_post.unsqueeze(-1) * out.unsqueeze(-2)).type_as(y)
 
     def forward(self, y: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
