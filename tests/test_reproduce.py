@@ -104,3 +104,35 @@ def test_ablation_variants_follow_the_paper():
     assert names("structure") == ["hyperloop", "looped", "hyperloop-3x4", "looped-3x4", "hyperloop-2x6", "looped-2x6"]
     assert names("lora") == ["looped", "lora-8", "lora-32", "hyperloop"]
     assert names("init") == ["init-0.1", "hyperloop", "init-0.9"]
+
+
+def test_train_command_passes_set_only_with_overrides(tmp_path):
+    """A variant without overrides must not end its command in a bare `--set` (argparse rejects it)."""
+    from hyperloop.reproduce import Variant, train_command
+
+    plain = train_command(Variant("transformer", "transformer-xs"), [], tmp_path / "d", tmp_path / "r")
+    assert "--set" not in plain
+    tuned = train_command(Variant("init-0.1", "hyperloop-xs", ["model.hc_res_init=0.1"]), ["train.lr=0.002"],
+                          tmp_path / "d", tmp_path / "r")  # fmt: skip
+    assert tuned[tuned.index("--set"):] == ["--set", "model.hc_res_init=0.1", "train.lr=0.002"]
+
+
+def test_report_only_lists_the_stages_that_did_not_run(report, tmp_path):
+    import shutil
+
+    from hyperloop.errors import HyperloopError
+    from hyperloop.reproduce import reproduce
+
+    partial = tmp_path / "partial"
+    shutil.copytree(report, partial, ignore=shutil.ignore_patterns("checkpoints", "quant"))
+    (partial / "eval" / "looped-int4.json").unlink()
+    shutil.rmtree(partial / "analysis")
+    assert main(["reproduce", "--scale", "tiny", "--out", str(partial), "--report-only"]) == 0
+    summary = json.loads((partial / "summary.json").read_text())
+    assert summary["models"]["looped"]["int4_ppl"] is None and summary["models"]["mhc"]["int4_ppl"] > 1
+    assert summary["missing_stages"] == ["int4 of looped", "analysis"]
+    assert not (partial / "eval" / "looped-int4.json").exists()  # reported as missing, not computed
+    text = (partial / "report.md").read_text()
+    assert "**Not run** (shown as '-'): int4 of looped, analysis." in text and "| looped |" in text
+    with pytest.raises(HyperloopError, match="no trained runs"):
+        reproduce("tiny", str(tmp_path / "empty"), report_only=True)

@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train N models at a time, one process per GPU (logs in OUT/logs/)")
     p.add_argument("--device", default=None, help="device for eval/quant/analysis (default: cuda if available)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the stages that finished (missing ones show as '-'); compute nothing")
     p.set_defaults(func=lazy("hyperloop.reproduce:reproduce_from_cli"))
 
     p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks (lm-eval semantics)",

@@ -12,7 +12,8 @@ Stages, each skipped when its output exists (so re-running continues an interrup
 
 A variant is (name, preset, --set overrides): the main comparison has four, one per architecture;
 an ablation (`--ablation NAME...`) is a list of Hyperloop variants compared with the reference row;
-`--gpus N` trains N variants at a time, one process per GPU.
+`--gpus N` trains N variants at a time, one process per GPU. `--report-only` writes the report
+from the stages that finished (e.g. a run copied off a GPU machine without its checkpoints).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperloop.checkpoint import atomic_write_text
-from hyperloop.config import ModelConfig, count_params
+from hyperloop.config import ModelConfig, count_params, read_json
 from hyperloop.errors import HyperloopError
 
 ARCHS = ("transformer", "mhc", "looped", "hyperloop")
@@ -155,6 +156,13 @@ def _run_complete(run: Path) -> bool:
     return int((run / "latest").read_text().strip().removeprefix("step-")) >= steps
 
 
+def train_command(variant: Variant, overrides: list[str], data: Path, run: Path) -> list[str]:
+    """The `hyperloop train` process that trains one variant (--gpus N runs N of them at a time)."""
+    sets = [*variant.overrides, *overrides]
+    return [sys.executable, "-m", "hyperloop", "train", "--preset", variant.preset, "--data", str(data),
+            "--out", str(run), *(["--set", *sets] if sets else [])]  # fmt: skip
+
+
 def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, out: Path, gpus: int) -> bool:
     """Train the variants `gpus` at a time, each a `hyperloop train` process on its own GPU (on a
     CPU machine the processes share the cores). Logs go to OUT/logs/<name>.log. SIGTERM/SIGINT are
@@ -183,8 +191,7 @@ def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, o
                 if slot in running or not todo or stop["requested"]:
                     continue
                 variant = todo.pop(0)
-                cmd = [sys.executable, "-m", "hyperloop", "train", "--preset", variant.preset, "--data", str(data),
-                       "--out", str(out / "runs" / variant.name), "--set", *variant.overrides, *overrides]  # fmt: skip
+                cmd = train_command(variant, overrides, data, out / "runs" / variant.name)
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot), "OMP_NUM_THREADS": str(threads)}
                 log = (out / "logs" / f"{variant.name}.log").open("a")
                 running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), variant, log)
@@ -292,6 +299,7 @@ def reproduce(
     analysis_tokens: int | None = None,
     calib_seqs: int | None = None,
     device: str | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """The main comparison (four architectures), or with `ablations` some of the paper's ablation
     tables (Hyperloop variants; perplexity only, written to ablations.md / ablations.json).
@@ -313,6 +321,10 @@ def reproduce(
     if data is not None and not data.startswith("hf:") and not Path(data).exists():
         raise HyperloopError(f"--data {data} does not exist: pass prepared shards or a corpus to prepare")
     out_dir = Path(out)
+    if report_only:
+        if ablations:
+            raise HyperloopError("--report-only writes the main comparison's report, not the ablation tables")
+        return _report_finished(out_dir, scale, spec, variants)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = list(overrides or [])
     data_dir = _stage_data(out_dir, data, spec)
@@ -359,6 +371,30 @@ def reproduce(
     return write_report(out_dir, scale, spec, results, best_lr, analysis_result)
 
 
+def _report_finished(out: Path, scale: str, spec: Scale, variants: list[Variant]) -> dict[str, Any]:
+    """The report of whatever finished: trained runs with their metrics, and the eval, int4 and
+    analysis JSON that exist; a missing stage shows as '-' and is listed in the report."""
+    def stage(path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    results = {v.name: {"run": out / "runs" / v.name} for v in variants
+               if (out / "runs" / v.name / "metrics.jsonl").is_file()}  # fmt: skip
+    if not results:
+        raise HyperloopError(f"{out} holds no trained runs (runs/<name>/metrics.jsonl): nothing to report")
+    missing = []
+    for name, res in results.items():
+        for key, suffix in (("eval", ""), ("int4", "-int4")):
+            res[key] = stage(out / "eval" / f"{name}{suffix}.json")
+            if res[key] is None:
+                missing.append(f"{key} of {name}")
+    sweep = stage(out / "sweep.json")
+    best_lr = sweep["best_lr"] if sweep else None
+    analysis_result = stage(out / "analysis" / "analysis.json")
+    if analysis_result is None:
+        missing.append("analysis")
+    return write_report(out, scale, spec, results, best_lr, analysis_result, missing)
+
+
 # ------------------------------------------------------------------------------------ report
 def _environment() -> dict[str, Any]:
     from hyperloop.train.loop import environment
@@ -392,20 +428,23 @@ def _plot_losses(path: Path, curves: dict[str, dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, analysis_result) -> dict[str, Any]:
-    env = _environment()
+def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, analysis_result,
+                 missing: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """`missing`: stages that did not run (their cells are '-'), listed in the report."""
+    # The environment the models were trained in (the report may be written elsewhere).
+    env = read_json(next(iter(results.values()))["run"] / "config.json").get("env") or _environment()
     rows = {}
     curves = {}
     for name, res in results.items():
         cfg = ModelConfig.load(res["run"] / "config.json")
         metrics = _run_metrics(res["run"])
         curves[name] = metrics
-        ev, q = res["eval"], res["int4"]
+        ev, q = res["eval"] or {}, res["int4"] or {}
         rows[name] = {
             "params": count_params(cfg)["total"],
             "structure": cfg.structure(),
-            "val_ppl": ev["ppl"],
-            "int4_ppl": q["ppl"],
+            "val_ppl": ev.get("ppl"),
+            "int4_ppl": q.get("ppl"),
             "tasks": {t: v["score"] for t, v in ev.get("tasks", {}).items()},
             "tasks_avg": ev.get("avg"),
             "train_tok_s": metrics["train_tok_s"],
@@ -422,11 +461,18 @@ def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, ana
         "command": "hyperloop " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
         "env": env,
         "models": rows,
+        "missing_stages": missing or [],
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     _plot_losses(out / "loss_curves.png", curves)
     atomic_write_text(out / "report.md", _report_markdown(summary, spec, out, analysis_result))
     return summary
+
+
+def _order(rows: dict, key: str) -> str:
+    """Model names by `key`, best (lowest) first; models without the figure are left out."""
+    ranked = sorted((n for n in rows if rows[n][key] is not None), key=lambda n: rows[n][key])
+    return " < ".join(ranked) or "-"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -456,13 +502,13 @@ def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> 
         lines.append(f"| {name} | {r['structure']} | {r['params'] / 1e6:.1f}M | {_fmt(r['val_ppl'])} | "
                      f"{_fmt(r['int4_ppl'])} | {_fmt(delta)} | {avg} | {_fmt(r['train_tok_s'], 0)} |")  # fmt: skip
     if all(name in PAPER_S for name in rows):
-        order = sorted(rows, key=lambda n: rows[n]["val_ppl"])
         paper = sorted(PAPER_S, key=lambda n: PAPER_S[n][0])
-        lines += ["", f"Order by validation perplexity (best first): {' < '.join(order)}. "
+        lines += ["", f"Order by validation perplexity (best first): {_order(rows, 'val_ppl')}. "
                   f"The paper's S-scale order: {' < '.join(paper)} "
                   f"({', '.join(f'{n} {PAPER_S[n][0]}' for n in paper)})."]  # fmt: skip
-        int4_order = sorted(rows, key=lambda n: rows[n]["int4_ppl"])
-        lines.append(f"Order after INT4: {' < '.join(int4_order)}.")
+        lines.append(f"Order after INT4: {_order(rows, 'int4_ppl')}.")
+    if summary["missing_stages"]:
+        lines += ["", f"**Not run** (shown as '-'): {', '.join(summary['missing_stages'])}."]
     task_names = sorted({t for r in rows.values() for t in r["tasks"]})
     if task_names:
         lines += ["", "| model | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names)]
@@ -542,7 +588,7 @@ def reproduce_from_cli(args) -> None:
         args.scale, args.out, data=args.data, eval_data=args.eval_data, tasks_dir=args.tasks_dir, steps=args.steps,
         lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, ablations=args.ablation,
         gpus=args.gpus, eval_tokens=args.eval_tokens, analysis_tokens=args.analysis_tokens,
-        calib_seqs=args.calib_seqs, device=args.device,
+        calib_seqs=args.calib_seqs, device=args.device, report_only=args.report_only,
     )  # fmt: skip
     if summary.get("stopped"):
         return
