@@ -193,3 +193,18 @@ def test_bench_train_rows_and_profile(tmp_path):
     assert row["model"] == "hyperloop-tiny" and row["tok_s"] > 0 and row["micro_batch"] == 2
     table = (tmp_path / "prof" / "hyperloop-tiny.txt").read_text()
     assert "2 optimizer steps" in table and "aten::" in table
+
+
+def test_bench_hf_anchor_trains_without_a_kv_cache():
+    """The HF row must time plain training: a KV cache built in every forward (HF's default) costs
+    time and makes compiled layers recompile, which would understate the anchor."""
+    pytest.importorskip("transformers")
+    from hyperloop.train.bench import build
+
+    model, cfg, loss_fn = build("hf-llama-tiny")
+    seen = []
+    model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")),
+                                          with_kwargs=True)  # fmt: skip
+    x = torch.randint(0, cfg.vocab_size, (1, 16))
+    loss = loss_fn(model, x, x)
+    assert seen == [False] and loss.item() > 0

@@ -44,7 +44,9 @@ def build(preset: str) -> tuple[torch.nn.Module, ModelConfig, Callable]:
     """(model, the config its FLOPs are counted with, loss function of (model, x, y))."""
     if preset.startswith("hf-llama-"):
         cfg = get_preset("transformer-" + preset.removeprefix("hf-llama-"))
-        return hf_llama(cfg), cfg, lambda m, x, y: m(input_ids=x, labels=x).loss
+        # use_cache=False: otherwise HF fills a KV cache in every training forward, and its
+        # compiled layers recompile on the cache state until they hit the limit and run eagerly.
+        return hf_llama(cfg), cfg, lambda m, x, y: m(input_ids=x, labels=x, use_cache=False).loss
     cfg = get_preset(preset)
     return HyperloopLM(cfg), cfg, lambda m, x, y: m(x, y)
 
