@@ -251,3 +251,74 @@ def test_missing_checkpoint_and_foreign_vocabulary_are_user_errors(data, tmp_pat
     too_small = randomized(config("looped", vocab_size=VOCAB - 2))
     with pytest.raises(HyperloopError, match="embeddings"):
         analyze([save(tmp_path, too_small, data)], str(data), str(tmp_path / "out"), tokens=64, progress=False)
+
+
+# ------------------------------------------------------------------------------ hyper-connection sites
+def _reference_site_stats(model: HyperloopLM, windows) -> list[dict]:
+    """Per site, straight from the definitions: rerun each site's write on the inputs it gets."""
+    records: dict[int, list] = {}
+    originals = [hc.write for hc in model.hc]
+
+    def spy(index, write):
+        def run(y, out, coeffs):
+            new = write(y, out, coeffs)
+            records.setdefault(index, []).append((new.double(), [c for c in coeffs]))
+            return new
+
+        return run
+
+    for index, hc in enumerate(model.hc):
+        hc.write = spy(index, originals[index])
+    with torch.no_grad():
+        for x, _ in windows:
+            model.hidden_states(x)
+    for hc in model.hc:
+        del hc.write
+    rows = []
+    for index, calls in sorted(records.items()):
+        spreads, pres = [], []
+        for streams, (h_pre, _, _) in calls:
+            for token in streams.reshape(-1, *streams.shape[-2:]):  # (n, C) per token
+                m = token.mean(0)
+                spreads.append(math.sqrt(((token - m) ** 2).sum(-1).mean() / (m**2).sum()))
+            pres.append(h_pre.double().reshape(-1, h_pre.shape[-1]))
+        rows.append({"site": index, "spread": sum(spreads) / len(spreads), "h_pre": torch.cat(pres).mean(0)})
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["mhc", "hyperloop"])
+def test_site_stats_match_a_per_token_reference(arch, data):
+    from hyperloop.analysis.streams import SiteStats
+
+    model = randomized(config(arch), seed=3).eval()
+    windows = EvalWindows(TokenData(data), seq_len=16, batch_size=4, max_tokens=160)
+    expected = _reference_site_stats(model, windows)
+    with SiteStats(model) as stats, torch.no_grad():
+        for x, _ in windows:
+            model.hidden_states(x)
+    rows = stats.summary()
+    assert [r["site"] for r in rows] == [e["site"] for e in expected] == list(range(len(model.hc)))
+    for row, ref in zip(rows, expected):
+        assert row["spread"] == pytest.approx(ref["spread"], rel=1e-6) and row["spread"] > 1e-3
+        torch.testing.assert_close(torch.tensor(row["h_pre"], dtype=torch.float64), ref["h_pre"], rtol=1e-6, atol=1e-9)
+    assert all("write" not in vars(hc) for hc in model.hc)  # the class method is back
+
+
+def test_fresh_hyperloop_streams_start_as_near_copies_with_the_documented_init(data, tmp_path):
+    """At init the streams barely separate (a = 0.01), and the mean coefficients are the documented
+    ones: H_pre = 1/n, H_res = r, H_post = 1 - r. The report and summary carry the table; models
+    without hyper-connections have no sites."""
+    torch.manual_seed(0)
+    models = [HyperloopLM(config("hyperloop", hc_res_init=0.3)), HyperloopLM(config("looped"))]
+    report = analyze([save(tmp_path / "c", m, data) for m in models], str(data), str(tmp_path / "out"), tokens=64,
+                     batch_tokens=64, progress=False)  # fmt: skip
+    hyper, looped = report["models"]
+    assert looped["hc_sites"] == [] and len(hyper["hc_sites"]) == 3
+    n = models[0].cfg.n_streams
+    for site in hyper["hc_sites"]:
+        assert site["spread"] < 0.02
+        assert site["h_pre"] == pytest.approx([1 / n] * n, abs=2e-3)
+        assert site["h_res"] == pytest.approx([0.3] * n, abs=2e-3)
+        assert site["h_post"] == pytest.approx([0.7] * n, abs=2e-3)
+        assert site["alpha"] == pytest.approx([0.01] * 3)
+    assert "| site | spread | H_pre | H_post | H_res | a |" in (tmp_path / "out" / "summary.md").read_text()

@@ -11,6 +11,8 @@ Written to OUT:
     logit_lens.png / .json     CE, entropy and greedy accuracy after every effective layer, all models
     <label>/similarity.png     heatmap of the mean cosine similarity between effective layers
     <label>/similarity.json    the matrix, the layer names and the cross-loop (Table 8) numbers
+and, for models with hyper-connections, each site's mean coefficients and stream spread
+(`hyperloop.analysis.streams`) in analysis.json and summary.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from hyperloop.analysis.layout import Layout
 from hyperloop.analysis.plots import plot_logit_lens, plot_similarity
 from hyperloop.analysis.stats import LayerStats, loop_similarity
+from hyperloop.analysis.streams import SiteStats
 from hyperloop.checkpoint import CONFIG_FILE, load_model, resolve_checkpoint
 from hyperloop.config import ModelConfig
 from hyperloop.data.loader import EvalWindows, TokenData
@@ -142,6 +145,11 @@ def _analyze_one(checkpoint, label, token_data, windows, num_loops, device, prog
                 stats.update([hidden for _, hidden in outputs], y.to(device), model.logits)
             del outputs  # the batch's activations go now: only the running sums stay
             bar.update(y.numel())
+    with SiteStats(model) as sites, torch.inference_mode():
+        if sites.sites:  # one plain forward more per window, for models with hyper-connections
+            for x, _ in windows:
+                with autocast(device):
+                    model.hidden_states(x.to(device), num_loops=num_loops)
     path = loaded.path
     del loaded, model  # free the weights before the next checkpoint is loaded
     if device.type == "cuda":
@@ -161,6 +169,7 @@ def _analyze_one(checkpoint, label, token_data, windows, num_loops, device, prog
         "similarity": similarity.tolist(),
         "loop_similarity": loop_similarity(similarity, layout),
         "logit_lens": lens,
+        "hc_sites": sites.summary(),
         # The read-out after the last layer is the model's own prediction: its CE is the eval loss.
         "final": {"ce": lens["ce"][-1], "ppl": math.exp(lens["ce"][-1]), "accuracy": lens["accuracy"][-1]},
     }
@@ -262,4 +271,18 @@ def _model_section(m: dict) -> list[str]:
         previous = f"{sim[i][i - 1]:.3f}" if i else ""
         lines.append(f"| {i + 1} | {layer['name']} | {layer['block']} | {lens['ce'][i]:.3f} | "
                      f"{lens['entropy'][i]:.3f} | {lens['accuracy'][i]:.4f} | {previous} |")  # fmt: skip
+    if m.get("hc_sites"):
+        lines += ["", "Hyper-connection sites (token means; spread: how far apart the streams are after the "
+                  "site, 0 = still copies; H_res: its diagonal):", "",
+                  "| site | spread | H_pre | H_post | H_res | a |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for site in m["hc_sites"]:
+            res = site.get("h_res")
+            diagonal = [row[i] for i, row in enumerate(res)] if res and isinstance(res[0], list) else res
+            lines.append(f"| {site['site']} | {site['spread']:.4f} | {_numbers(site['h_pre'])} | "
+                         f"{_numbers(site['h_post'])} | {_numbers(diagonal) if diagonal else '-'} | "
+                         f"{_numbers(site['alpha'])} |")  # fmt: skip
     return lines + [""]
+
+
+def _numbers(values: list[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)
