@@ -178,6 +178,35 @@ def test_hyperloop_site_maps_s_to_s_plus_a_share_of_delta_at_init(res_init):
     torch.testing.assert_close(hc.write(y, x + delta, coeffs), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["hyperloop", "mhc"])
+def test_mean_pre_init_keeps_the_streams_interchangeable_and_own_breaks_it(arch):
+    """With the input-dependent parts off (a = 0), H_pre = 1/n and streams that start as copies,
+    every per-stream bias gets the same gradient at every site: nothing can make the streams
+    differ. hc_pre_init='own' computes the same function at init (its H_pre still sums to 1) but
+    gives the streams different gradients from the first step."""
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads, logits = {}, {}
+    for pre_init in ("mean", "own"):
+        torch.manual_seed(0)
+        model = HyperloopLM(small(arch, hc_pre_init=pre_init))
+        with torch.no_grad():
+            for hc in model.hc:
+                hc.alpha.zero_()
+        out = model(tokens)
+        out.logsumexp(-1).sum().backward()
+        logits[pre_init] = out.detach()
+        n = model.cfg.n_streams
+        grads[pre_init] = torch.stack([hc.bias.grad[n : 2 * n] for hc in model.hc])  # b_post, one row per site
+    torch.testing.assert_close(logits["own"], logits["mean"], rtol=1e-4, atol=1e-5)
+    mean_g, own_g = grads["mean"], grads["own"]
+    assert own_g.abs().max() > 0
+    torch.testing.assert_close(mean_g, mean_g[:, :1].expand_as(mean_g), rtol=1e-4, atol=1e-9)  # all streams alike
+    spread = (own_g - own_g.mean(1, keepdim=True)).abs().max(1).values / own_g.abs().max(1).values
+    # The last site writes into the mean merge, which uses every stream alike; the others write into
+    # a site that reads its own stream most.
+    assert (spread[:-1] > 1e-3).all()
+
+
 def test_activations_stay_well_scaled_through_loops_at_init():
     """At init a Hyperloop loop maps s -> about s + delta (spec 2d); the naive H_res = H_post = 1
     would map it to 2s + delta and blow the stream up by 2^K."""

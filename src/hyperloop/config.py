@@ -21,6 +21,7 @@ from hyperloop.errors import HyperloopError
 
 HC_PLACEMENTS = ("none", "sublayer", "span")
 H_RES_KINDS = ("diagonal", "sinkhorn", "identity")
+HC_PRE_INITS = ("mean", "own")
 
 
 def known_fields(cls, data: dict[str, Any], what: str) -> dict[str, Any]:
@@ -68,6 +69,11 @@ class ModelConfig:
     # Hyperloop sites at init: diagonal H_res = hc_res_init, H_post = 1 - hc_res_init, so one loop maps
     # a stream s to s + (1 - hc_res_init) delta (spec 2d asks for about s + delta; 0.5 gives s + delta/2).
     hc_res_init: float = 0.5
+    # H_pre at init: "mean" reads every stream with weight 1/n; "own" makes site s read mostly stream
+    # s mod n (weights OWN_PRE_WEIGHT and the rest shared, still summing to 1). With "mean", the
+    # n streams are interchangeable: while they are copies they get equal gradients, and only the
+    # small input-dependent terms (a = 0.01) can separate them. "own" breaks that symmetry at init.
+    hc_pre_init: str = "mean"
     lora_rank: int = 0  # per-loop LoRA on the shared middle layers (LoRA-relaxed looped baseline)
     init_std: float = 0.02
 
@@ -93,6 +99,7 @@ class ModelConfig:
         need(isinstance(self.n_streams, int) and self.n_streams >= 1, "n_streams must be >= 1")
         need(self.sinkhorn_iters >= 1, "sinkhorn_iters must be >= 1")
         need(0.0 < self.hc_res_init < 1.0, "hc_res_init must be in (0, 1)")
+        need(self.hc_pre_init in HC_PRE_INITS, f"hc_pre_init must be one of {HC_PRE_INITS}")
         if self.hc_span is not None:
             need(isinstance(self.hc_span, int) and self.hc_span >= 1, "hc_span must be a positive integer or null")
             need(self.hc_placement == "span", "hc_span only applies to hc_placement='span'")

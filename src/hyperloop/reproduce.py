@@ -99,8 +99,9 @@ def ablation_variants(name: str, scale: str) -> list[Variant]:
             rows += [Variant(f"hyperloop{tag}", hyper, sets), Variant(f"looped{tag}", looped, sets)]
         return rows
     if name == "init":  # H_res = r, H_post = 1 - r at init: a loop maps s to s + (1 - r) delta (spec 2d: about s + delta)
-        return [ref if r == cfg.hc_res_init else Variant(f"init-{r:g}", hyper, [f"model.hc_res_init={r}"])
+        rows = [ref if r == cfg.hc_res_init else Variant(f"init-{r:g}", hyper, [f"model.hc_res_init={r}"])
                 for r in (0.1, cfg.hc_res_init, 0.9)]  # fmt: skip
+        return rows + [Variant("init-own", hyper, ["model.hc_pre_init=own"])]  # each loop reads its own stream
     if name == "lora":
         return [Variant("looped", looped)] + [Variant(f"lora-{r}", looped, [f"model.lora_rank={r}"])
                                               for r in (8, 32)] + [ref]  # fmt: skip

@@ -17,7 +17,9 @@ times per mHC-S forward) costs accuracy. The combines are plain multiply-adds ov
 (`combine`), which autocast leaves in fp32 and torch.compile fuses into one pass.
 
 Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
-H_pre = 1/n makes H_pre y the plain residual stream. When F is a bare sub-layer (mHC), H_res = I
+H_pre = 1/n makes H_pre y the plain residual stream (so does any H_pre summing to 1: with
+`own_stream`, a site reads that stream with weight 0.7 and the others with the rest, which makes the
+streams play different roles from the first step). When F is a bare sub-layer (mHC), H_res = I
 and H_post = 1 then give exactly y + F(y): a plain Transformer. When F is a whole middle block that
 keeps its own residuals (Hyperloop), F(x) = x + delta already contains x, so H_res = r and
 H_post = 1 - r (r = res_init, 1/2 by default) make one loop map s -> s + (1 - r) delta instead of
@@ -36,6 +38,7 @@ from torch import nn
 
 ALPHA_INIT = 0.01
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for fp32
+OWN_PRE_WEIGHT = 0.7  # H_pre of a site's own stream at init when it reads one stream mostly
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -74,10 +77,11 @@ class HyperConnection(nn.Module):
         wraps_residual: bool = False,
         loop_embedding: bool = False,
         res_init: float = 0.5,
+        own_stream: int | None = None,
     ):
         super().__init__()
         self.dim, self.n, self.h_res, self.sinkhorn_iters = dim, n_streams, h_res, sinkhorn_iters
-        self.wraps_residual, self.res_init = wraps_residual, res_init
+        self.wraps_residual, self.res_init, self.own_stream = wraps_residual, res_init, own_stream
         n = n_streams
         self.res_rows = {"sinkhorn": n * n, "diagonal": n, "identity": 0}[h_res]
         rows = 2 * n + self.res_rows
@@ -95,6 +99,9 @@ class HyperConnection(nn.Module):
         res_keep = self.res_init if self.wraps_residual else 1.0  # diagonal H_res at init
         post = 1.0 - self.res_init if self.wraps_residual else 1.0  # H_post at init
         b_pre = torch.full((n,), _logit(1.0 / n))
+        if self.own_stream is not None and n > 1:  # read mostly one stream; the weights still sum to 1
+            b_pre.fill_(_logit((1.0 - OWN_PRE_WEIGHT) / (n - 1)))
+            b_pre[self.own_stream] = _logit(OWN_PRE_WEIGHT)
         b_post = torch.full((n,), _logit(post / 2))
         if self.h_res == "diagonal":
             b_res = torch.full((n,), _logit(res_keep))

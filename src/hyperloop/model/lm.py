@@ -47,8 +47,9 @@ class HyperloopLM(nn.Module):
         span = cfg.hc_placement == "span"
         self.hc = nn.ModuleList(
             HyperConnection(cfg.dim, cfg.n_streams, cfg.h_res, cfg.sinkhorn_iters,
-                            wraps_residual=span, loop_embedding=span and cfg.loop_embedding, res_init=cfg.hc_res_init)
-            for _ in range(cfg.num_hc())
+                            wraps_residual=span, loop_embedding=span and cfg.loop_embedding, res_init=cfg.hc_res_init,
+                            own_stream=site % cfg.n_streams if cfg.hc_pre_init == "own" else None)
+            for site in range(cfg.num_hc())
         )  # fmt: skip
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
