@@ -12,7 +12,7 @@ python -m hyperloop bench train --preset ${PRESETS:-transformer-s hf-llama-s hyp
   --micro-batch ${MICRO:-16} --seq-len 2048 --steps ${STEPS:-10} --json "$OUT/train-throughput.json" \
   --profile "$OUT/profile" 2>&1 \
   | grep -v Warning | tee "$OUT/bench.log"
-if [ -n "${XS_PRESETS:-transformer-xs mhc-xs hyperloop-xs}" ]; then
-  python -m hyperloop bench train --preset ${XS_PRESETS:-transformer-xs mhc-xs hyperloop-xs} --micro-batch ${XS_MICRO:-32} \
+if [ -n "${XS_PRESETS-transformer-xs mhc-xs hyperloop-xs}" ]; then  # XS_PRESETS="" skips them
+  python -m hyperloop bench train --preset ${XS_PRESETS-transformer-xs mhc-xs hyperloop-xs} --micro-batch ${XS_MICRO:-32} \
     --seq-len 2048 --steps 10 --json "$OUT/train-throughput-xs.json" 2>&1 | grep -v Warning | tee "$OUT/bench-xs.log"
 fi
