@@ -2,10 +2,11 @@
 # A session on a lent 2-GPU machine (nvidia-h100-x2), in calls of under 10 minutes made back to back
 # on the warm machine (runs/ persists between calls; a machine given back loses it):
 #   PHASE=1  carry .carry/p1 (enwiki train shards 0-2 + validation parquet; with the working tree
-#            that is about all 64 MiB allow): park it in runs/raw; GPU 0: throughput.sh (CUDA tests, the S training table with the HF anchor
-#            and a profile); GPU 1: decode_int4.sh (decode vs HF, int4 decode, GPTQ wall time)
-#   PHASE=2  carry .carry/p2 (shards 3-6) and .carry/tasks: repro_xs.sh prepares all 7 shards and trains the four xs
-#            models two at a time
+#            that is about all 64 MiB allow): park it in runs/raw. GPU 0: throughput.sh (CUDA tests,
+#            the S training table with the HF anchor, a profile); GPU 1: decode_int4.sh (decode vs
+#            HF, int4 decode, GPTQ wall time)
+#   PHASE=2  carry .carry/p2 (shards 3-6) and .carry/tasks: repro_xs.sh prepares all 7 shards and
+#            trains the four xs models two at a time
 #   PHASE=3  no carry: repro_xs.sh again (trainings resume; then eval, INT4, analyses, report)
 # The device tool returns at most 8 files from $OUT, so each part is tarred.
 set -uo pipefail
