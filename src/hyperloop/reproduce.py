@@ -132,8 +132,18 @@ def _stage_data(out: Path, data: str | None, scale: Scale) -> Path:
     return target
 
 
+def _finished(path: Path) -> dict[str, Any] | None:
+    """A stage's saved output, or None while the stage has not finished (each stage is skipped on
+    a rerun, and --report-only reports, when its file exists)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
+
+
 def _final_val_loss(run: Path) -> float | None:
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    rows = _metrics(run)
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     return vals[-1] if vals else None
 
@@ -151,7 +161,7 @@ def _run_complete(run: Path) -> bool:
 
     if not (run / "latest").is_file():
         return False
-    saved = json.loads((run / "config.json").read_text())
+    saved = read_json(run / "config.json")
     tcfg = TrainConfig.from_dict(saved["train"])
     steps = total_steps(tcfg, token_budget(tcfg, ModelConfig.from_dict(saved["model"]), saved.get("preset")))
     return int((run / "latest").read_text().strip().removeprefix("step-")) >= steps
@@ -217,8 +227,8 @@ def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, o
 def _stage_sweep(out: Path, scale_name: str, lrs: list[float], tokens: int, data: Path, overrides: list[str]) -> float:
     """Train the Transformer briefly at each peak LR; the lowest final validation loss wins."""
     results_file = out / "sweep.json"
-    if results_file.is_file():
-        return json.loads(results_file.read_text())["best_lr"]
+    if (done := _finished(results_file)) is not None:
+        return done["best_lr"]
     rows = []
     for lr in lrs:
         run = out / "sweep" / f"lr-{lr:g}"
@@ -236,7 +246,7 @@ class _Stopped(Exception):
 
 
 def _run_metrics(run: Path) -> dict[str, Any]:
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    rows = _metrics(run)
     train_rows = [r for r in rows if "loss" in r]
     speeds = [r["tok_s"] for r in train_rows[1:]] or [r["tok_s"] for r in train_rows]  # skip compile warm-up
     return {
@@ -252,8 +262,8 @@ def _stage_eval(out: Path, name: str, ckpt: Path, data: Path, eval_data: list[st
     from hyperloop.eval.runner import evaluate
 
     target = out / "eval" / f"{name}.json"
-    if target.is_file():
-        return json.loads(target.read_text())
+    if (done := _finished(target)) is not None:
+        return done
     result = evaluate(ckpt, data, tasks="all" if tasks_dir else "none", tasks_dir=tasks_dir, use_hub=False,
                       limit=scale.task_limit, max_tokens=scale.eval_max_tokens, device=device)  # fmt: skip
     result["eval_data"] = {
@@ -270,8 +280,8 @@ def _stage_int4(out: Path, name: str, ckpt: Path, data: Path, scale: Scale, devi
     from hyperloop.quant.convert import quantize_checkpoint
 
     target = out / "eval" / f"{name}-int4.json"
-    if target.is_file():
-        return json.loads(target.read_text())
+    if (done := _finished(target)) is not None:
+        return done
     qdir = out / "quant" / name
     summary = quantize_checkpoint(ckpt, qdir, method="gptq", bits=4, group_size=scale.group_size,
                                   calib_data=data, calib_seqs=scale.calib_seqs, loop_hessian="all",
@@ -365,8 +375,7 @@ def reproduce(
         res["int4"] = _stage_int4(out_dir, name, res["run"], data_dir, spec, device)
     from hyperloop.analysis.report import analyze
 
-    target = out_dir / "analysis" / "analysis.json"
-    analysis_result = (json.loads(target.read_text()) if target.is_file() else
+    analysis_result = (_finished(out_dir / "analysis" / "analysis.json") or
                        analyze([str(r["run"]) for r in results.values()], str(data_dir), str(out_dir / "analysis"),
                                spec.analysis_tokens, labels=list(results), device=device))  # fmt: skip
     return write_report(out_dir, scale, spec, results, best_lr, analysis_result)
@@ -375,9 +384,6 @@ def reproduce(
 def _report_finished(out: Path, scale: str, spec: Scale, variants: list[Variant]) -> dict[str, Any]:
     """The report of whatever finished: trained runs with their metrics, and the eval, int4 and
     analysis JSON that exist; a missing stage shows as '-' and is listed in the report."""
-    def stage(path: Path) -> dict[str, Any] | None:
-        return json.loads(path.read_text()) if path.is_file() else None
-
     results = {v.name: {"run": out / "runs" / v.name} for v in variants
                if (out / "runs" / v.name / "metrics.jsonl").is_file()}  # fmt: skip
     if not results:
@@ -385,12 +391,12 @@ def _report_finished(out: Path, scale: str, spec: Scale, variants: list[Variant]
     missing = []
     for name, res in results.items():
         for key, suffix in (("eval", ""), ("int4", "-int4")):
-            res[key] = stage(out / "eval" / f"{name}{suffix}.json")
+            res[key] = _finished(out / "eval" / f"{name}{suffix}.json")
             if res[key] is None:
                 missing.append(f"{key} of {name}")
-    sweep = stage(out / "sweep.json")
+    sweep = _finished(out / "sweep.json")
     best_lr = sweep["best_lr"] if sweep else None
-    analysis_result = stage(out / "analysis" / "analysis.json")
+    analysis_result = _finished(out / "analysis" / "analysis.json")
     if analysis_result is None:
         missing.append("analysis")
     return write_report(out, scale, spec, results, best_lr, analysis_result, missing)

@@ -7,8 +7,9 @@ For the streams y (..., n, C) a site writes, with m = mean_i y_i:
 
 The streams start as n copies of one residual stream (spread 0); while they are copies, the
 per-stream parameters of a site get nearly equal gradients, and the streams only become different
-through the input-dependent terms a * (W z), which start small (a = 0.01). A spread that stays near 0 after training means the n streams never
-separated: the model then computes what a single stream with learned scalar gates would.
+through the input-dependent terms a * (W z), which start small (a = 0.01). A spread that stays near
+0 after training means the n streams never separated: the model then computes what a single stream
+with learned scalar gates would.
 
 `SiteStats` wraps each site's `write` while it is active (a context manager), so the model's code is
 untouched; run plain forwards inside it (not the layer-by-layer read-out of `LayerStats`, which

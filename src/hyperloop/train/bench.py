@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from hyperloop.config import ModelConfig, flops_per_token, get_preset
+from hyperloop.config import ModelConfig, flops_per_token
 from hyperloop.errors import HyperloopError
+from hyperloop.infer.bench import HF_PREFIX, preset_config
 from hyperloop.model import HyperloopLM
 from hyperloop.train.distributed import compile_blocks
 from hyperloop.train.loop import environment, peak_flops
@@ -42,12 +43,11 @@ def hf_llama(cfg: ModelConfig) -> torch.nn.Module:
 
 def build(preset: str) -> tuple[torch.nn.Module, ModelConfig, Callable]:
     """(model, the config its FLOPs are counted with, loss function of (model, x, y))."""
-    if preset.startswith("hf-llama-"):
-        cfg = get_preset("transformer-" + preset.removeprefix("hf-llama-"))
+    cfg = preset_config(preset)
+    if preset.startswith(HF_PREFIX):
         # use_cache=False: otherwise HF fills a KV cache in every training forward, and its
         # compiled layers recompile on the cache state until they hit the limit and run eagerly.
         return hf_llama(cfg), cfg, lambda m, x, y: m(input_ids=x, labels=x, use_cache=False).loss
-    cfg = get_preset(preset)
     return HyperloopLM(cfg), cfg, lambda m, x, y: m(x, y)
 
 
@@ -125,13 +125,12 @@ def bench_train(args) -> dict[str, Any]:
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     rows = []
     for preset in args.preset:
-        base = preset.removeprefix("hf-llama-")
-        recipe = default_train_config(base if base != preset else preset)
+        recipe = default_train_config(preset)  # its scale's recipe (hf-llama-s: the s recipe)
         micro_batch = args.micro_batch or recipe.micro_batch
         seq_len = args.seq_len or recipe.seq_len
         try:
             rows.append(bench_one(preset, micro_batch, seq_len, args.steps or 10, compile_on, device,
-                                  getattr(args, "profile", None)))  # fmt: skip
+                                  args.profile))  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             rows.append({"model": preset, "error": "out of memory", "micro_batch": micro_batch, "seq_len": seq_len})
         print(rows[-1], flush=True)
