@@ -103,7 +103,7 @@ def test_ablation_variants_follow_the_paper():
     assert names("placement") == ["span-1", "span-2", "hyperloop", "span-12"]
     assert names("structure") == ["hyperloop", "looped", "hyperloop-3x4", "looped-3x4", "hyperloop-2x6", "looped-2x6"]
     assert names("lora") == ["looped", "lora-8", "lora-32", "hyperloop"]
-    assert names("init") == ["init-0.1", "hyperloop", "init-0.9", "init-own"]
+    assert names("init") == ["looped", "init-0.1", "hyperloop", "init-0.9", "init-own", "hyperloop-seed1"]
 
 
 def test_train_command_passes_set_only_with_overrides(tmp_path):

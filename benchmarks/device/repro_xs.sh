@@ -7,13 +7,15 @@
 # Then `hyperloop reproduce --scale xs` runs under a time budget (SIGTERM makes training checkpoint and
 # stop; the next call resumes) with GPUS models at a time, and what exists is packed into $OUT.
 # Env: BUDGET (seconds, default 570), GPUS (default: all visible), TRAIN_SHARDS (default 7),
-#      TASKS (task folder, default .carry/tasks), REPRO_ARGS (more reproduce flags), SMOKE=1.
+#      TASKS (task folder, default .carry/tasks), NAME (output folder runs/NAME, default repro-xs),
+#      REPRO_ARGS (more reproduce flags, e.g. "--ablation init" with NAME=ablation-init-xs), SMOKE=1.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs/raw
 START=$(date +%s)
 GPUS=${GPUS:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 TASKS=${TASKS:-.carry/tasks}
+NAME=${NAME:-repro-xs}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 if [ -n "${SMOKE:-}" ] && [ ! -f runs/smoke/report.md ]; then  # every stage on CUDA with tiny models first
   python -m hyperloop reproduce --scale tiny --out runs/smoke --steps 3 --set train.compile=off \
@@ -34,10 +36,10 @@ if [ ! -f runs/enwiki/meta.json ]; then
 fi
 TASK_ARGS=(); [ -d "$TASKS" ] && TASK_ARGS=(--tasks-dir "$TASKS")
 LEFT=$(( ${BUDGET:-570} - ($(date +%s) - START) ))
-timeout -s TERM "$LEFT" python -m hyperloop reproduce --scale xs --data runs/enwiki --out runs/repro-xs \
+timeout -s TERM "$LEFT" python -m hyperloop reproduce --scale xs --data runs/enwiki --out "runs/$NAME" \
   --gpus "$GPUS" "${TASK_ARGS[@]}" ${REPRO_ARGS:-} 2>&1 | tr '\r' '\n' \
   | grep -v -e '^\s*$' -e 'it/s\]$' -e 's/it\]$' -e 'step/s' > "$OUT/reproduce.log"
 echo "reproduce exited after $(( $(date +%s) - START ))s"; tail -5 "$OUT/reproduce.log"
-for r in runs/repro-xs/runs/*; do echo "$r $(cat "$r/latest" 2>/dev/null)"; done
-tar czf "$OUT/repro-xs.tgz" --exclude='checkpoints' --exclude='quant' --exclude='tensorboard' --exclude='data' \
-  -C runs repro-xs 2>/dev/null; ls -la "$OUT"
+for r in "runs/$NAME"/runs/*; do echo "$r $(cat "$r/latest" 2>/dev/null)"; done
+tar czf "$OUT/$NAME.tgz" --exclude='checkpoints' --exclude='quant' --exclude='tensorboard' --exclude='data' \
+  -C runs "$NAME" 2>/dev/null; ls -la "$OUT"

@@ -101,7 +101,9 @@ def ablation_variants(name: str, scale: str) -> list[Variant]:
     if name == "init":  # H_res = r, H_post = 1 - r at init: a loop maps s to s + (1 - r) delta (spec 2d: about s + delta)
         rows = [ref if r == cfg.hc_res_init else Variant(f"init-{r:g}", hyper, [f"model.hc_res_init={r}"])
                 for r in (0.1, cfg.hc_res_init, 0.9)]  # fmt: skip
-        return rows + [Variant("init-own", hyper, ["model.hc_pre_init=own"])]  # each loop reads its own stream
+        rows += [Variant("init-own", hyper, ["model.hc_pre_init=own"])]  # each loop reads its own stream
+        # what an init change has to beat (no hyper-connections), and how far the seed alone moves the reference
+        return [Variant("looped", looped), *rows, Variant("hyperloop-seed1", hyper, ["train.seed=1"])]
     if name == "lora":
         return [Variant("looped", looped)] + [Variant(f"lora-{r}", looped, [f"model.lora_rank={r}"])
                                               for r in (8, 32)] + [ref]  # fmt: skip
@@ -184,7 +186,12 @@ def _train_parallel(variants: list[Variant], overrides: list[str], data: Path, o
     import subprocess
     import time
 
+    from hyperloop.config import get_preset
+
     todo = [v for v in variants if not _run_complete(out / "runs" / v.name)]
+    # mHC's hyper-connections around every sub-layer make it the slowest to train by far: start it
+    # first, so that it does not run alone on one GPU at the end while the others idle.
+    todo.sort(key=lambda v: get_preset(v.preset).hc_placement != "sublayer")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     running: dict[int, tuple[subprocess.Popen, Variant, Any]] = {}  # GPU slot -> (process, variant, log file)
     stop = {"requested": False}
