@@ -42,3 +42,23 @@ def test_compiled_bf16_step_matches_eager_fp32(arch):
     largest = max(r.norm() for r in grads_ref)
     worst = max(_rel(g, r) for g, r in zip(grads, grads_ref) if r.norm() >= 1e-3 * largest)
     assert worst < 5e-2, worst
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_compiled_decode_matches_eager(int4):
+    """The compiled decode step (torch.compile, then a CUDA graph) gives the eager step's logits, with
+    bf16 weights and with the int4 kernel, whose operands are built before compiling."""
+    from hyperloop.infer.bench import build_model
+    from hyperloop.infer.decoder import Decoder
+
+    # ffn 768: int4 groups of 128 must divide every linear's input size (xs has 704)
+    cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256, ffn_dim=768)
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=int4)
+    prompts = torch.randint(1, cfg.vocab_size, (2, 16)).tolist()
+    fed = torch.randint(1, cfg.vocab_size, (8, 2), device="cuda")  # the same tokens for both (not argmax,
+    outputs = []  # which bf16 rounding could send down different paths)
+    for compile in (False, True):
+        decoder = Decoder(model, 2, 32, compile=compile)
+        decoder.prefill(prompts)
+        outputs.append(torch.stack([decoder.step(tokens)[0].float() for tokens in fed]))
+    assert _rel(outputs[1], outputs[0]) < 2e-2

@@ -65,6 +65,8 @@ def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: in
     device = model.embed.weight.device
     prompts = random_prompts(model.cfg.vocab_size, batch, prompt_len).tolist()
     _reset_memory(device)
+    if compile:  # each row compiles its own step: without this, dynamo's recompile limit (8 per
+        torch.compiler.reset()  # function) is hit a few rows into a table, and fullgraph makes that fatal
     decoder = Decoder(model, batch, prompt_len + new_tokens - 1, num_loops=num_loops,
                       exit_threshold=exit_threshold, compile=compile)  # fmt: skip
 
@@ -89,7 +91,7 @@ def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: in
         **_rates(batch, prompt_len, new_tokens, prefill_s, decode_s),
         "mean_loops": mean_loops,
         "peak_memory_gb": _peak_memory_gb(device),
-        "kv_cache_gb": (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 2**30,
+        "kv_cache_gb": cache.nbytes / 2**30,
         "cuda_graph": decoder.cuda_graph,
     }
 

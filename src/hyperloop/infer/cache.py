@@ -5,9 +5,12 @@ sees a different input, so each needs its own keys and values: the slot of an ex
 `Step.index` in `model.plan(K)` (begin layers, then middle layer i of loop l at b + l*m + i, then the
 end layers), as in Huginn's per-(layer, iteration) cache (reference-notes section 4).
 
-Everything is preallocated with fixed shapes - (slots, B, H, T_max, D) keys and values, a 0-d column
-counter, per-row padding - and every step attends over all T_max columns under a mask, so a decode
-step has the same shapes every time and can be captured once as a CUDA graph.
+Everything is preallocated with fixed shapes - per slot (B, H, T_max, D) keys and values, a 0-d
+column counter, per-row padding - and every step attends over all T_max columns under a mask, so a
+decode step has the same shapes every time and can be captured once as a CUDA graph. Each slot is a
+tensor of its own, written with an indexed assignment: torch.compile turns that into an in-place
+write of the new column, whereas writing into a view of one (slots, ...) tensor made it copy every
+slot, for every layer, at every step.
 
 Batches of prompts of different lengths are *left*-padded: row b's prompt occupies columns
 pad[b] .. L-1, so all rows write the same column at each step and one counter serves the batch.
@@ -31,9 +34,9 @@ class KVCache:
 
     def __init__(self, slots: int, batch: int, n_heads: int, max_len: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):  # fmt: skip
-        shape = (slots, batch, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
         self.max_len = max_len
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         # The next column to write. A tensor, not an int, so a captured CUDA graph reads its live value.
@@ -54,7 +57,15 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def reset(self, pad: torch.Tensor) -> None:
         """Start a new batch whose row b is left-padded by pad[b] columns. Old contents need no
@@ -86,8 +97,8 @@ class KVCache:
             keep = ~self.write_rows.view(-1, 1, 1, 1)
             k = torch.where(keep, k_all[:, :, self._columns], k)
             v = torch.where(keep, v_all[:, :, self._columns], v)
-        k_all.index_copy_(2, self._columns, k)
-        v_all.index_copy_(2, self._columns, v)
+        k_all[:, :, self._columns] = k
+        v_all[:, :, self._columns] = v
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask)
 
     def copy_forward(self, rows: torch.Tensor, source: list[int], targets: list[int]) -> None:
@@ -97,7 +108,5 @@ class KVCache:
         keep = ~rows.view(-1, 1, 1, 1)
         for src, dst in zip(source, targets, strict=True):
             for store in (self.k, self.v):
-                current = store[dst][:, :, self._columns]
-                store[dst].index_copy_(
-                    2, self._columns, torch.where(keep, current, store[src][:, :, self._columns])
-                )
+                columns = store[dst][:, :, self._columns]
+                store[dst][:, :, self._columns] = torch.where(keep, columns, store[src][:, :, self._columns])

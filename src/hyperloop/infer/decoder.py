@@ -20,6 +20,7 @@ from hyperloop.errors import HyperloopError
 from hyperloop.infer.cache import KVCache
 from hyperloop.infer.early_exit import AllRowsExited, EarlyExit
 from hyperloop.model import HyperloopLM
+from hyperloop.quant.linear import QuantLinear
 
 WARMUP_STEPS = 3  # before capture: torch.compile compiles and autotunes, cuBLAS picks its kernels
 
@@ -67,15 +68,20 @@ class Decoder:
         self.early_exit = None
         if exit_threshold is not None:
             self.early_exit = EarlyExit(model, self.cache, exit_threshold, self.num_loops)
-        on_cuda = self.cache.k.device.type == "cuda"
+        on_cuda = self.cache.device.type == "cuda"
         self.cuda_graph = on_cuda and self.early_exit is None and cuda_graph is not False
-        self._decode = torch.compile(self._run, fullgraph=True, dynamic=False) if compile else self._run
+        self._decode = self._run
+        if compile:
+            for module in model.modules():
+                if isinstance(module, QuantLinear):
+                    module.prepare_kernel()
+            self._decode = torch.compile(self._run, fullgraph=True, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
         self.length = 0  # columns filled (a Python mirror of cache.column, to check capacity without a sync)
 
     @property
     def device(self) -> torch.device:
-        return self.cache.k.device
+        return self.cache.device
 
     def _run(self, tokens: torch.Tensor) -> torch.Tensor:
         """One forward over (B, T) new tokens through the cache: logits (B, V) of the last column."""
