@@ -102,7 +102,8 @@ def ablation_variants(name: str, scale: str) -> list[Variant]:
         rows = [ref if r == cfg.hc_res_init else Variant(f"init-{r:g}", hyper, [f"model.hc_res_init={r}"])
                 for r in (0.1, cfg.hc_res_init, 0.9)]  # fmt: skip
         rows += [Variant("init-own", hyper, ["model.hc_pre_init=own"])]  # each loop reads its own stream
-        # what an init change has to beat (no hyper-connections), and how far the seed alone moves the reference
+        # what an init change has to beat (no hyper-connections), and how far the seed (initial weights and
+        # data order) alone moves the reference
         return [Variant("looped", looped), *rows, Variant("hyperloop-seed1", hyper, ["train.seed=1"])]
     if name == "lora":
         return [Variant("looped", looped)] + [Variant(f"lora-{r}", looped, [f"model.lora_rank={r}"])
