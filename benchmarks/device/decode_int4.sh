@@ -3,11 +3,12 @@
 # on two GPUs side by side (PARTS, default "speed int4"):
 #  speed    bench decode of the S models, ours with torch.compile + CUDA graph, against HF generate
 #           both eager (dynamic cache) and compiled (static cache), batch 1 and 32 (about 5 minutes)
-#  int4     int4 vs bf16 decode at batch 1, compiled, of the S and M models, and the GPTQ wall time
-#           of hyperloop-s with 1024 x 2048-token calibration (quant-time)
+#  int4     int4 vs bf16 decode at batch 1, compiled, of the S and M models (the GPTQ wall time of
+#           hyperloop-s, `--sections quant-time`, takes two more minutes and is in results/int4.md)
 #  trained  with TRAINED="RUN..." (trained looped runs on the machine, e.g. from repro_xs.sh) and
 #           DATA: the loop / early-exit trade-off on the first, the INT4 perplexity columns (bf16,
 #           RTN, GPTQ loop-aware, GPTQ first loop) on all of them
+# LIMIT (seconds, default 330) bounds each benchmark command.
 # Writes markdown + JSON into $OUT (copy them over results/, then re-append the notes).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -16,8 +17,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 quiet() { tr '\r' '\n' | grep -v -e '^\s*$' -e 'it/s\]$' -e 's/it\]$' -e 'tok/s\]$' -e 'Warning'; }
 for part in ${PARTS:-speed int4}; do
   case $part in
-  speed) timeout 330 python benchmarks/decode.py --compile --out "$OUT" 2>&1 | quiet > "$OUT/decode.log" ;;
-  int4) timeout 330 python benchmarks/int4.py --sections decode quant-time --compile --out "$OUT" 2>&1 \
+  speed) timeout "${LIMIT:-330}" python benchmarks/decode.py --compile --out "$OUT" 2>&1 | quiet > "$OUT/decode.log" ;;
+  int4) timeout "${LIMIT:-330}" python benchmarks/int4.py --sections decode --compile --out "$OUT" 2>&1 \
           | quiet > "$OUT/int4.log" ;;
   trained)
     read -r -a runs <<< "${TRAINED:?set TRAINED to trained run folders}"
