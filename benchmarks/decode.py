@@ -110,14 +110,16 @@ def markdown(results: dict) -> str:
         )  # fmt: skip
     if "tradeoff" in results:
         t = results["tradeoff"]
+        graph = {True: "yes", False: "no", None: "-"}
         rows = [[r["loops"], "-" if r["exit_threshold"] is None else f"{r['exit_threshold']:g}", f"{r['ppl']:.3f}",
-                 f"{r['mean_loops']:.2f}", f"{r['decode_tok_s']:,.0f}"] for r in t["rows"]]  # fmt: skip
+                 f"{r['mean_loops']:.2f}", f"{r['decode_tok_s']:,.0f}", graph[r.get("cuda_graph")]]
+                for r in t["rows"]]  # fmt: skip
         lines += table(
             f"Loops and early exit ({t['checkpoint']}, {t['tokens']:,} validation tokens, batch 1)", t,
             "Teacher-forced token by token through the KV cache; an exited token gives the cache slots of "
-            "the loops it skipped its exit-loop K/V. Without early exit the CUDA decode step is a CUDA graph; "
-            "with it, eager.",
-            ["loops K'", "exit threshold", "perplexity", "mean loops / token", "decode tok/s"],
+            "the loops it skipped its exit-loop K/V. CUDA graph: the step replayed as one graph (plain) or "
+            "one graph per loop (early exit).",
+            ["loops K'", "exit threshold", "perplexity", "mean loops / token", "decode tok/s", "CUDA graph"],
             rows,
         )  # fmt: skip
     if results.get("notes"):  # kept in decode.json (written by hand), so a rerun does not drop them

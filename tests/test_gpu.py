@@ -44,16 +44,16 @@ def test_compiled_bf16_step_matches_eager_fp32(arch):
     assert worst < 5e-2, worst
 
 
-@pytest.mark.parametrize("int4", [False, True])
-def test_compiled_decode_matches_eager(int4):
-    """The compiled decode step (torch.compile, then a CUDA graph) gives the eager step's logits, with
-    bf16 weights and with the int4 kernel, whose operands are built before compiling."""
+def test_compiled_int4_decode_matches_eager():
+    """The compiled decode step (torch.compile, then a CUDA graph) of an int4 model gives the eager
+    step's logits: the kernel's operands are built before compiling (bf16 weights:
+    tests/test_infer.py::test_cuda_graph_step_equals_eager_step)."""
     from hyperloop.infer.bench import build_model
     from hyperloop.infer.decoder import Decoder
 
     # ffn 768: int4 groups of 128 must divide every linear's input size (xs has 704)
     cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256, ffn_dim=768)
-    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=int4)
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=True)
     prompts = torch.randint(1, cfg.vocab_size, (2, 16)).tolist()
     fed = torch.randint(1, cfg.vocab_size, (8, 2), device="cuda")  # the same tokens for both (not argmax,
     outputs = []  # which bf16 rounding could send down different paths)
@@ -62,3 +62,35 @@ def test_compiled_decode_matches_eager(int4):
         decoder.prefill(prompts)
         outputs.append(torch.stack([decoder.step(tokens)[0].float() for tokens in fed]))
     assert _rel(outputs[1], outputs[0]) < 2e-2
+
+
+@pytest.mark.parametrize("exits", ["all", "some", "none"])
+def test_graphed_early_exit_matches_eager(exits):
+    """Early exit recorded as one CUDA graph per loop, with the host check between replays, gives the
+    eager early-exit step's logits and loop counts."""
+    from hyperloop.infer.bench import build_model
+    from hyperloop.infer.decoder import Decoder
+
+    cfg = get_preset("hyperloop-xs").replace(vocab_size=64, max_seq_len=128)  # 64 tokens: probes near 1/64
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=False)
+    prompts = torch.randint(1, cfg.vocab_size, (3, 8)).tolist()
+    fed = torch.randint(1, cfg.vocab_size, (12, 3), device="cuda")
+
+    def run(threshold: float, graphed: bool):
+        decoder = Decoder(model, 3, 24, exit_threshold=threshold, cuda_graph=graphed)
+        assert decoder.cuda_graph == graphed
+        decoder.prefill(prompts)
+        return [decoder.step(tokens) for tokens in fed]
+
+    def spread(steps) -> bool:
+        loops = torch.stack([used for _, used in steps])
+        return bool(loops.min() < loops.max())
+
+    if exits == "some":  # the first threshold that splits the rows (random weights: confidences ~0.02-0.04)
+        threshold = next(t for t in torch.arange(0.02, 0.06, 0.0025).tolist() if spread(run(t, False)))
+    else:
+        threshold = {"all": 1e-9, "none": 1.01}[exits]
+    want, got = run(threshold, False), run(threshold, True)
+    for (want_logits, want_loops), (got_logits, got_loops) in zip(want, got, strict=True):
+        assert torch.equal(got_loops, want_loops)
+        assert _rel(got_logits, want_logits) < 1e-2

@@ -17,7 +17,7 @@ pack() { tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; }
 case "${PHASE:?set PHASE=1, 2 or 3}" in
 1)
   mkdir -p runs/raw && cp -n .carry/p1/enwiki/*.parquet runs/raw/
-  PYTHONPATH=src timeout 240 python -m pytest -q tests/test_gpu.py 2>&1 | tail -15 > "$OUT/test_gpu.txt"
+  PYTHONPATH=src timeout 300 python -m pytest -q tests/test_gpu.py tests/test_infer.py -k "cuda or compiled or graphed" 2>&1 | tail -15 > "$OUT/test_gpu.txt"
   ;;
 2|3)
   [ -d .carry/tasks ] && rm -rf runs/tasks && cp -r .carry/tasks runs/tasks

@@ -4,11 +4,11 @@ Both have the same two calls, so `generate` does not care which it drives:
     prefill(prompts) -> logits (B, V)             next-token logits after each prompt
     step(tokens, finished) -> logits, loops_used  feed one token per row, get the next logits
 
-On CUDA the decode step (without early exit) is captured once as a CUDA graph and replayed: a step
-of an S-size model is a few hundred small kernels, and launching them one by one from Python costs
-more than running them. `compile=True` first runs the step through torch.compile (fused kernels) and
-captures that. On CPU, and with early exit (whose control flow depends on the logits), the step runs
-eagerly.
+On CUDA the decode step is captured once as a CUDA graph and replayed: a step of an S-size model is
+a few hundred small kernels, and launching them one by one from Python costs more than running them.
+`compile=True` first runs the step through torch.compile (fused kernels) and captures that. With
+early exit, whose control flow depends on the logits, the step is captured as one graph per loop,
+and the host reads whether every row has exited between their replays. On CPU the step runs eagerly.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Decoder:
         if exit_threshold is not None:
             self.early_exit = EarlyExit(model, self.cache, exit_threshold, self.num_loops)
         on_cuda = self.cache.device.type == "cuda"
-        self.cuda_graph = on_cuda and self.early_exit is None and cuda_graph is not False
+        self.cuda_graph = on_cuda and cuda_graph is not False
         self._decode = self._run
         if compile:
             for module in model.modules():
@@ -77,6 +77,7 @@ class Decoder:
                     module.prepare_kernel()
             self._decode = torch.compile(self._run, fullgraph=True, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._loop_graphs: list[torch.cuda.CUDAGraph] = []  # early exit: one graph per loop
         self.length = 0  # columns filled (a Python mirror of cache.column, to check capacity without a sync)
 
     @property
@@ -110,6 +111,8 @@ class Decoder:
         self._reserve(1)
         if self.early_exit is not None:
             finished = torch.zeros_like(tokens, dtype=torch.bool) if finished is None else finished
+            if self.cuda_graph:
+                return self._replay_exit(tokens[:, None], finished)
             return self._exit_step(tokens[:, None], finished)
         logits = self._replay(tokens[:, None]) if self.cuda_graph else self._decode(tokens[:, None])
         return logits, torch.full_like(tokens, self.num_loops)
@@ -121,15 +124,20 @@ class Decoder:
                 f"the KV cache holds {self.max_len} tokens per row; this step needs {self.length}"
             )
 
-    def _exit_step(self, tokens: torch.Tensor, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exit_forward(self, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor | None:
+        """The forward of an early-exit step: the logits of the rows that ran every loop, or None
+        when every row exited (the probe already ran the end block and holds their logits)."""
         self.cache.start(1)
         self.early_exit.start(finished)
         try:
             hidden = self.model.hidden_states(tokens, num_loops=self.num_loops, positions=self.cache.positions,
                                               cache=self.cache, on_loop_end=self.early_exit)  # fmt: skip
-            logits = self.model.logits(hidden[:, -1])
-        except AllRowsExited:  # the probe already ran the end block and holds every row's logits
-            logits = None
+        except AllRowsExited:
+            return None
+        return self.model.logits(hidden[:, -1])
+
+    def _exit_step(self, tokens: torch.Tensor, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._exit_forward(tokens, finished)
         self.cache.advance(1)
         return self.early_exit.finish(logits)
 
@@ -142,21 +150,63 @@ class Decoder:
         self._graph.replay()
         return self._logits.clone()  # the graph overwrites its output buffer on the next replay
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, then record one decode step. The warm-up steps write the same
-        keys/values at the same column as the real step will, and the column is rewound after each;
-        recording executes nothing, so the first replay is the real step."""
+    def _warm_up(self, forward) -> None:
+        """Run the step a few times on a side stream before recording it. The warm-up steps write the
+        same keys/values at the same column as the real step will, and the column is rewound after
+        each; recording executes nothing, so the first replay is the real step."""
         column = self.cache.column.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self._decode(self._tokens)
+                forward()
                 self.cache.column.copy_(column)
         torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self) -> None:
+        self._warm_up(lambda: self._decode(self._tokens))
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._logits = self._decode(self._tokens)
+
+    def _replay_exit(self, tokens: torch.Tensor, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._loop_graphs:
+            self._tokens, self._finished = tokens.clone(), finished.clone()
+            self._capture_exit()
+        self._tokens.copy_(tokens)
+        self._finished.copy_(finished)
+        logits = None
+        for loop, graph in enumerate(self._loop_graphs):
+            graph.replay()
+            if loop < self.num_loops - 1 and bool(self.early_exit.exited.all()):
+                break  # every row exited at this loop's probe: the later loops' graphs are skipped
+        else:
+            logits = self._logits
+        self.cache.advance(1)
+        return self.early_exit.finish(logits)
+
+    def _capture_exit(self) -> None:
+        """Record the early-exit step as one graph per loop. The probe after loop l ends graph l and
+        begins graph l + 1, so the forward runs once, straight through, while being recorded in
+        pieces; the pieces share one memory pool and are always replayed in order (a prefix of them),
+        which keeps each one's inputs where the previous one left them."""
+        self._warm_up(lambda: self._exit_forward(self._tokens, self._finished))
+        pool = torch.cuda.graph_pool_handle()
+        self._loop_graphs = [torch.cuda.CUDAGraph() for _ in range(self.num_loops)]
+        recording = [torch.cuda.graph(self._loop_graphs[0], pool=pool)]
+        recording[0].__enter__()
+
+        def next_graph() -> None:
+            recording[-1].__exit__(None, None, None)
+            recording.append(torch.cuda.graph(self._loop_graphs[len(recording)], pool=pool))
+            recording[-1].__enter__()
+
+        self.early_exit.segment_end = next_graph
+        try:
+            self._logits = self._exit_forward(self._tokens, self._finished)
+        finally:
+            self.early_exit.segment_end = None
+            recording[-1].__exit__(None, None, None)
 
 
 class FullRecompute:

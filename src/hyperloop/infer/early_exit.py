@@ -16,6 +16,11 @@ rest of the batch runs on, so a batch gives each row the tokens it would get alo
 The batch runs in lockstep: the model skips the remaining loops only once every row has exited, and
 then the probe has already run the end block, so the forward is stopped outright (AllRowsExited)
 rather than running the end block a second time. Prompts (prefill) always run every loop.
+
+On CUDA the Decoder records the step as one CUDA graph per loop (`segment_end` switches the capture
+at each probe) and replays them one after the other, reading `exited` between them: the only
+per-token host work is that one check per loop. So the state a step leaves (`exited`, `exit_loop`,
+`exit_logits`) lives in buffers updated in place, which every segment's graph writes.
 """
 
 from __future__ import annotations
@@ -47,14 +52,19 @@ class EarlyExit:
         plan, cfg = model.plan(num_loops), model.cfg
         self.end_steps = plan[cfg.begin_layers + num_loops * cfg.middle_layers :]
         self.loop_slots = [[s.index for s in plan if s.loop == loop] for loop in range(num_loops)]
+        batch, device = cache.batch, cache.device
+        self.exited = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.exit_loop = torch.zeros(batch, dtype=torch.long, device=device)
+        self.exit_logits = torch.zeros(batch, cfg.vocab_size, dtype=model.lm_head.weight.dtype, device=device)
+        # While the Decoder records CUDA graphs: ends one loop's graph and starts the next one.
+        self.segment_end = None
 
     def start(self, finished: torch.Tensor) -> None:
         """Begin a step (after `cache.start`). Finished rows (stopped generating) count as exited:
         nobody reads their tokens, and they should not hold the batch back."""
         self.rope = self.model.rope(self.cache.positions)
-        self.exited = finished.clone()
-        self.exit_loop = torch.full_like(finished, self.num_loops - 1, dtype=torch.long)
-        self.exit_logits: torch.Tensor | None = None
+        self.exited.copy_(finished)
+        self.exit_loop.fill_(self.num_loops - 1)
         self.cache.write_rows = ~self.exited
 
     def __call__(self, loop: int, hidden: torch.Tensor) -> bool:
@@ -66,24 +76,25 @@ class EarlyExit:
         logits = self.model.logits(x[:, -1])
         confident = logits.float().softmax(dim=-1).amax(dim=-1) >= self.threshold
         exit_now = confident & ~self.exited
-        if self.exit_logits is None:
-            self.exit_logits = torch.zeros_like(logits)
-        self.exit_logits = torch.where(exit_now.unsqueeze(-1), logits, self.exit_logits)
-        self.exit_loop = torch.where(exit_now, loop, self.exit_loop)
+        self.exit_logits.copy_(torch.where(exit_now.unsqueeze(-1), logits, self.exit_logits))
+        self.exit_loop.masked_fill_(exit_now, loop)
         for later in self.loop_slots[loop + 1 :]:
             self.cache.copy_forward(exit_now, self.loop_slots[loop], later)
         self.exited |= exit_now
         self.cache.write_rows = ~self.exited
-        if bool(self.exited.all()):
+        if self.segment_end is not None:  # recording: the host check happens between the replays
+            self.segment_end()
+        elif bool(self.exited.all()):
             raise AllRowsExited
         return False
 
     def finish(self, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's logits (exited rows: their probe's; the others: the model's) and loops run."""
+        """The step's logits (exited rows: their probe's; the others: the model's, None when every
+        row exited) and the loops each row ran."""
         self.cache.write_rows = None
-        exited_early = self.exit_loop < self.num_loops - 1
-        if logits is None:  # AllRowsExited
-            logits = self.exit_logits
-        elif self.exit_logits is not None:
-            logits = torch.where(exited_early.unsqueeze(-1), self.exit_logits, logits)
+        if logits is None:
+            logits = self.exit_logits.clone()
+        else:
+            exited_early = (self.exit_loop < self.num_loops - 1).unsqueeze(-1)
+            logits = torch.where(exited_early, self.exit_logits, logits)
         return logits, self.exit_loop + 1

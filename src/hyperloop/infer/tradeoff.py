@@ -63,4 +63,5 @@ def decode_perplexity(model: HyperloopLM, windows: Iterable[tuple[torch.Tensor, 
         "tokens": tokens,
         "mean_loops": loops_run.item() / tokens,
         "decode_tok_s": decode_tokens / seconds if seconds else None,
+        "cuda_graph": decoder.cuda_graph,
     }
