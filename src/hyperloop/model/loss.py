@@ -18,7 +18,7 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: 
     """For one chunk of logits (N, V): sum_i weights_i * CE_i, and its gradient w.r.t. the logits,
     (softmax - onehot(target)) * weights, in the logits' dtype. Element-wise work only: on CUDA it is
     compiled into a pass or two over the chunk, where written out op by op it is about ten passes over
-    an fp32 copy (8% of a Transformer-S step)."""
+    an fp32 copy (some 36 GB of traffic per Transformer-S step, ~8% of it by a bandwidth estimate)."""
     dtype, logits = logits.dtype, logits.to(acc)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, targets[:, None]).squeeze(1)
