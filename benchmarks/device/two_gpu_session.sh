@@ -2,7 +2,8 @@
 # A session on a lent 2-GPU machine (nvidia-h100-x2), in calls of under 10 minutes made back to back
 # on the warm machine (runs/ persists between calls; a machine given back loses it):
 #   PHASE=1  carry .carry/p1 (enwiki train shards 0-2 + validation parquet; with the working tree
-#            that is about all 64 MiB allow): park it in runs/raw, run the CUDA tests
+#            that is about all 64 MiB allow): park it in runs/raw; GPU 0 runs the CUDA tests, GPU 1
+#            times the training step of transformer-s, HF Llama and hyperloop-s
 #   PHASE=2  carry .carry/p2 (shards 3-6) and .carry/tasks: repro_xs.sh prepares all 7 shards and
 #            trains the four xs models of seed $SEED two at a time (mHC, the slowest, first)
 #   PHASE=3  no carry, repeat until done: repro_xs.sh resumes the trainings, then evaluates,
@@ -17,7 +18,12 @@ pack() { tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; }
 case "${PHASE:?set PHASE=1, 2 or 3}" in
 1)
   mkdir -p runs/raw && cp -n .carry/p1/enwiki/*.parquet runs/raw/
-  PYTHONPATH=src timeout 300 python -m pytest -q tests/test_gpu.py tests/test_infer.py -k "cuda or compiled or graphed" 2>&1 | tail -15 > "$OUT/test_gpu.txt"
+  (CUDA_VISIBLE_DEVICES=0 PYTHONPATH=src timeout 200 python -m pytest -q tests/test_gpu.py tests/test_infer.py \
+     -k "cuda or compiled or graphed" 2>&1 | tail -15 > "$OUT/test_gpu.txt") &
+  (CUDA_VISIBLE_DEVICES=1 PYTHONPATH=src timeout 200 python -m hyperloop bench train --preset transformer-s \
+     hf-llama-s hyperloop-s --micro-batch 16 --seq-len 2048 --steps 10 --json "$OUT/train-throughput.json" \
+     > "$OUT/train-bench.log" 2>&1) &
+  wait
   ;;
 2|3)
   [ -d .carry/tasks ] && rm -rf runs/tasks && cp -r .carry/tasks runs/tasks
