@@ -45,8 +45,9 @@ from hyperloop.infer.bench import build_model, random_prompts, time_decoder
 from hyperloop.infer.decoder import synchronize
 from hyperloop.model import HyperloopLM
 from hyperloop.quant.convert import calibration_tokens
+from hyperloop.quant.grid import rtn
 from hyperloop.quant.linear import QuantLinear
-from hyperloop.quant.quantize import quantize_gptq, quantize_rtn
+from hyperloop.quant.quantize import quantize_gptq, quantize_rtn, replace_module
 
 SECTIONS = ("decode", "layer-error", "quant-time", "ppl")
 KERNEL_TOLERANCE = 0.02  # bf16 rounding of weights and float zeros gives ~4e-3 (reference notes)
@@ -96,6 +97,11 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         float_bytes = model_bytes(model)
         quantize_rtn(model, bits=4, group_size=args.group_size)
         int4_row = time_decoder(model, 1, args.prompt_len, args.new_tokens, compile=args.compile)
+        int4_bytes = model_bytes(model)
+        error = kernel_error(model, device)
+        # the LM head too (`hyperloop quantize --lm-head`): a quarter of an S model's bytes per token
+        replace_module(model, "lm_head", QuantLinear.from_quantized(rtn(model.lm_head.weight, 4, args.group_size)))
+        head_row = time_decoder(model, 1, args.prompt_len, args.new_tokens, compile=args.compile)
         row = {
             "preset": preset,
             "dtype": str(dtype).removeprefix("torch."),
@@ -103,14 +109,17 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             "float_tok_s": float_row["decode_tok_s"],
             "int4_tok_s": int4_row["decode_tok_s"],
             "speedup": int4_row["decode_tok_s"] / float_row["decode_tok_s"],
+            "int4_head_tok_s": head_row["decode_tok_s"],
+            "speedup_with_head": head_row["decode_tok_s"] / float_row["decode_tok_s"],
             "float_model_gb": float_bytes / 2**30,
-            "int4_model_gb": model_bytes(model) / 2**30,
+            "int4_model_gb": int4_bytes / 2**30,
+            "int4_head_model_gb": model_bytes(model) / 2**30,
             "int4_peak_memory_gb": int4_row["peak_memory_gb"],
             "cuda_graph": int4_row["cuda_graph"],
-            "kernel_vs_dequant_rel_error": kernel_error(model, device),
+            "kernel_vs_dequant_rel_error": error,
         }
         print(f"{preset:<16} decode {row['float_tok_s']:8.1f} -> {row['int4_tok_s']:8.1f} tok/s "
-              f"({row['speedup']:.2f}x)", file=sys.stderr)  # fmt: skip
+              f"({row['speedup']:.2f}x; head too: {row['speedup_with_head']:.2f}x)", file=sys.stderr)  # fmt: skip
         error = row["kernel_vs_dequant_rel_error"]
         if error > KERNEL_TOLERANCE:
             print(f"WARNING: {preset}: int4 kernel logits differ from the dequantized reference by "
@@ -195,7 +204,6 @@ def bench_perplexity(args, device: torch.device) -> list[dict]:
 @torch.no_grad()
 def layer_error(device: torch.device, size: int = 1024, group_size: int = 128, rows: int = 16) -> dict:
     """Where the kernel's error comes from, on one linear with S-like weights (std 0.02)."""
-    from hyperloop.quant.grid import rtn
     from hyperloop.quant.linear import int4_tinygemm_weight, tinygemm_scales_and_zeros
 
     g = torch.Generator().manual_seed(0)
@@ -221,8 +229,10 @@ def layer_error(device: torch.device, size: int = 1024, group_size: int = 128, r
 KEYS = {"decode": "preset", "layer-error": "shape", "quant-time": "preset", "ppl": "checkpoint"}
 COLUMNS = {
     "decode": [("preset", "model"), ("dtype", "float dtype"), ("float_tok_s", "float tok/s"),
-               ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"), ("float_model_gb", "float GB"),
-               ("int4_model_gb", "int4 GB"), ("kernel_vs_dequant_rel_error", "kernel rel. err")],
+               ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"), ("int4_head_tok_s", "int4 + head tok/s"),
+               ("speedup_with_head", "speedup (head too)"), ("float_model_gb", "float GB"),
+               ("int4_model_gb", "int4 GB"), ("int4_head_model_gb", "int4 + head GB"),
+               ("kernel_vs_dequant_rel_error", "kernel rel. err")],
     "layer-error": [("shape", "weight"), ("group_size", "group"), ("kernel", "kernel"),
                     ("kernel_vs_dequant", "kernel vs dequant (fp32)"), ("bf16_weights", "bf16 weights alone"),
                     ("bf16_grid", "bf16 grid alone")],

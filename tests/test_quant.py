@@ -253,6 +253,22 @@ def test_gptq_reports_lower_layer_error_than_rtn(trained):
     assert sum(r.error for r in reports) < sum(r.rtn_error for r in reports)
 
 
+def test_lm_head_is_quantized_last_on_request(trained):
+    """lm_head=True adds the LM head as the last GPTQ stage: the model still runs through its
+    QuantLinear (CPU logits path), close to the float model, and GPTQ beats RTN on it."""
+    test = markov_tokens(32, 17, seed=1)
+    model = copy.deepcopy(trained)
+    reports = quantize_gptq(model, markov_tokens(16, 16, seed=2), bits=4, group_size=32, batch_size=16,
+                            progress=False, lm_head=True)  # fmt: skip
+    assert [r.name for r in reports] == target_names(model) + ["lm_head"]
+    assert isinstance(model.lm_head, QuantLinear)
+    assert reports[-1].error < reports[-1].rtn_error
+    with torch.no_grad():
+        logits, float_logits = model(test[:, :-1]), trained(test[:, :-1])
+    assert (logits - float_logits).norm() / float_logits.norm() < 0.1
+    assert perplexity(model, test) == pytest.approx(perplexity(trained, test), rel=0.05)
+
+
 def test_dtype_casts_keep_the_grid():
     model = HyperloopLM(ModelConfig(**TINY))
     quantize_rtn(model, bits=4, group_size=32)
@@ -340,6 +356,7 @@ def test_quantize_cli_round_trip(llama_ckpt, calib_data, tmp_path, capsys):
     assert summary["method"] == "gptq" and summary["linear_size_ratio"] < 0.35
     config = json.loads((out / "quant_config.json").read_text())
     assert config["bits"] == 4 and config["loop_hessian"] == "all" and len(config["modules"]) == 12
+    assert config["lm_head"] is False  # kept in bf16 unless --lm-head
 
     loaded = load_model(out, dtype=torch.float32)
     assert loaded.meta["step"] == 7 and loaded.tokenizer_path is not None
@@ -356,6 +373,17 @@ def test_quantize_cli_round_trip(llama_ckpt, calib_data, tmp_path, capsys):
     state = load_file(str(out / "model.safetensors"))
     assert state["embed.weight"].dtype == torch.bfloat16
     assert state["layers.0.attn.wqkv.qweight"].dtype == torch.int32
+
+    # --lm-head: the head is packed too, and says so in quant_config.json
+    head = tmp_path / "int4-head"
+    assert main(["quantize", str(llama_ckpt), "--out", str(head), "--method", "rtn", "--group-size", "32",
+                 "--lm-head", "--device", "cpu"]) == 0  # fmt: skip
+    config = json.loads((head / "quant_config.json").read_text())
+    assert config["lm_head"] is True and config["modules"][-1] == "lm_head"
+    assert load_file(str(head / "model.safetensors"))["lm_head.qweight"].dtype == torch.int32
+    with torch.no_grad():
+        head_logits = load_model(head, dtype=torch.float32).model(tokens)
+    assert (head_logits - float_logits).norm() / float_logits.norm() < 0.1
 
     # a quantized checkpoint cannot be quantized again
     again = ["quantize", str(out), "--out", str(tmp_path / "again"), "--method", "rtn", "--group-size", "32"]

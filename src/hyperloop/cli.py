@@ -87,6 +87,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         calib_data=args.calib_data, calib_seqs=args.calib_seqs, calib_len=args.calib_len,
         act_order=args.act_order, loop_hessian=args.loop_hessian, damp=args.damp,
         batch_size=args.batch_size, seed=args.seed, device=args.device, overwrite=args.overwrite,
+        lm_head=args.lm_head,
     )  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPTQ: quantize columns in order of decreasing Hessian diagonal (desc_act)")
     p.add_argument("--loop-hessian", choices=["all", "first"], default="all",
                    help="GPTQ on shared middle layers: accumulate inputs of all loops (default) or the first only")
+    p.add_argument("--lm-head", action="store_true",
+                   help="quantize the LM head too (default: kept in bf16; it is ~1/4 of an S model's weights)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H) (default 0.01)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="calibration sequences per forward (default 8)")
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn (default 0)")

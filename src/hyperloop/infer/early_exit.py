@@ -55,7 +55,7 @@ class EarlyExit:
         batch, device = cache.batch, cache.device
         self.exited = torch.zeros(batch, dtype=torch.bool, device=device)
         self.exit_loop = torch.zeros(batch, dtype=torch.long, device=device)
-        self.exit_logits = torch.zeros(batch, cfg.vocab_size, dtype=model.lm_head.weight.dtype, device=device)
+        self.exit_logits = torch.zeros(batch, cfg.vocab_size, dtype=model.embed.weight.dtype, device=device)
         # While the Decoder records CUDA graphs: ends one loop's graph and starts the next one.
         self.segment_end = None
 

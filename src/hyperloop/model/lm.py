@@ -120,7 +120,7 @@ class HyperloopLM(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if hidden.is_cuda:  # never materialise all the logits (see model/loss.py)
+        if hidden.is_cuda and isinstance(self.lm_head, nn.Linear):  # never materialise all the logits (model/loss.py)
             return chunked_cross_entropy(self.norm(hidden), self.lm_head.weight, targets)
         logits = self.logits(hidden)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)

@@ -84,6 +84,7 @@ def quantize_checkpoint(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    lm_head: bool = False,
 ) -> dict[str, Any]:
     """Quantize the checkpoint `ckpt` into the folder `out`; returns a summary (sizes, errors, time)."""
     if method not in METHODS:
@@ -114,14 +115,14 @@ def quantize_checkpoint(
     # fp32 master weights: GPTQ reads them at full precision; the calibration forward casts to bf16 on CUDA.
     loaded = load_model(source, device=device, dtype=torch.float32)
     model, cfg = loaded.model, loaded.config
-    check_quantizable(model, bits, group_size)  # bad --bits / --group-size fail before any work
-    names = target_names(model)
+    check_quantizable(model, bits, group_size, lm_head)  # bad --bits / --group-size fail before any work
+    names = target_names(model, lm_head)
     float_bytes = linear_bytes(model, names)
     settings: dict[str, Any] = {}
     reports = []
     if method == "rtn":
         start = time.perf_counter()
-        quantize_rtn(model, bits, group_size)
+        quantize_rtn(model, bits, group_size, lm_head)
     else:
         seq_len = calib_len or cfg.max_seq_len
         if seq_len > cfg.max_seq_len:
@@ -134,7 +135,7 @@ def quantize_checkpoint(
         )
         start = time.perf_counter()
         reports = quantize_gptq(
-            model, calib, bits, group_size, act_order, loop_hessian, damp, batch_size, progress
+            model, calib, bits, group_size, act_order, loop_hessian, damp, batch_size, progress, lm_head
         )
         settings = {
             "desc_act": act_order,

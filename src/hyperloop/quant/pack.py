@@ -44,7 +44,7 @@ def quant_config(model: HyperloopLM, method: str, **settings: Any) -> dict[str, 
         "bits": first.bits,
         "group_size": first.group_size,
         "sym": False,
-        "lm_head": False,
+        "lm_head": "lm_head" in modules,
         "modules": modules,
         **settings,
     }

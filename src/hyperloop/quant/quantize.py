@@ -3,10 +3,11 @@
 What is quantized: the four projections of every Block (attn.wqkv, attn.wo, mlp.w_gate_up,
 mlp.w_down), i.e. all linear weights of attention and MLP. They are swapped for QuantLinear, so the
 model code runs unchanged. Embeddings, norms, hyper-connection parameters and per-loop LoRA adapters
-stay in bf16 (they are small, and the HC mixing is computed in fp32 anyway). The LM head also stays
-in bf16, as GPTQ and GPTQModel keep `lm_head` by default: it is a single matrix whose error lands
-directly on the logits of every token, with no later layer to compensate. (It is about a quarter of
-an S model's weights, so quantizing it is the obvious next step if disk size matters more.)
+stay in bf16 (they are small, and the HC mixing is computed in fp32 anyway). The LM head stays in
+bf16 by default, as GPTQ and GPTQModel keep `lm_head`: it is a single matrix whose error lands
+directly on the logits of every token, with no later layer to compensate. It is about a quarter of
+an S model's weights, and at batch-1 decode a quarter of the bytes read per token, so `lm_head=True`
+quantizes it too (last, on the inputs the quantized network gives it).
 
 GPTQ order (as in the reference's `true_sequential`): layer by layer in execution order, and within
 a layer qkv -> o -> gate_up -> down. Every stage collects the Hessian of its layer's inputs by
@@ -55,9 +56,10 @@ class LayerReport:
     damp: float
 
 
-def target_names(model: HyperloopLM) -> list[str]:
+def target_names(model: HyperloopLM, lm_head: bool = False) -> list[str]:
     """Fully qualified names of the linears to quantize, in execution order."""
-    return [f"layers.{index}.{name}" for index in range(len(model.layers)) for name in LINEARS]
+    names = [f"layers.{index}.{name}" for index in range(len(model.layers)) for name in LINEARS]
+    return names + ["lm_head"] if lm_head else names
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -65,9 +67,9 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, module)
 
 
-def check_quantizable(model: HyperloopLM, bits: int, group_size: int) -> None:
+def check_quantizable(model: HyperloopLM, bits: int, group_size: int, lm_head: bool = False) -> None:
     """Fail before any work on a model that is already quantized or has shapes the spec cannot cut."""
-    for name in target_names(model):
+    for name in target_names(model, lm_head):
         module = model.get_submodule(name)
         if isinstance(module, QuantLinear):
             raise HyperloopError(
@@ -76,10 +78,10 @@ def check_quantizable(model: HyperloopLM, bits: int, group_size: int) -> None:
         check_spec(bits, group_size, module.in_features, module.out_features, name)
 
 
-def quantize_rtn(model: HyperloopLM, bits: int = 4, group_size: int = 128) -> None:
+def quantize_rtn(model: HyperloopLM, bits: int = 4, group_size: int = 128, lm_head: bool = False) -> None:
     """Round every target weight to its nearest grid point and swap in QuantLinear (no data needed)."""
-    check_quantizable(model, bits, group_size)
-    for name in target_names(model):
+    check_quantizable(model, bits, group_size, lm_head)
+    for name in target_names(model, lm_head):
         weight = model.get_submodule(name).weight.detach()
         replace_module(model, name, QuantLinear.from_quantized(rtn(weight, bits, group_size)))
 
@@ -101,11 +103,13 @@ def collect_hessian(
     """The Hessian of the inputs of linear `name` over the calibration tokens (N, T).
 
     A linear of layer i is called once per unrolled step that runs layer i: K times for a shared
-    middle layer. "all" accumulates every call, "first" only the first (loop 1)."""
+    middle layer. "all" accumulates every call, "first" only the first (loop 1). The LM head runs once."""
     if loop_hessian not in LOOP_HESSIANS:
         raise HyperloopError(f"loop_hessian must be one of {LOOP_HESSIANS}, got {loop_hessian!r}")
-    layer = int(name.split(".")[1])
-    calls = sum(step.layer == layer for step in model.plan()) if loop_hessian == "all" else 1
+    calls = 1
+    if name.startswith("layers.") and loop_hessian == "all":
+        layer = int(name.split(".")[1])
+        calls = sum(step.layer == layer for step in model.plan())
     linear = model.get_submodule(name)
     device = linear.weight.device
     hessian = Hessian(linear.in_features, device)
@@ -126,7 +130,7 @@ def collect_hessian(
             seen = 0
             try:
                 with autocast:
-                    model.hidden_states(batch.to(device))
+                    model(batch.to(device))  # stopped at the target's last call
             except _LastCall:
                 pass
             if progress is not None:
@@ -147,13 +151,14 @@ def quantize_gptq(
     damp: float = 0.01,
     batch_size: int = 8,
     progress: bool = True,
+    lm_head: bool = False,
 ) -> list[LayerReport]:
     """GPTQ every target linear sequentially (see the module docstring) and swap in QuantLinear."""
-    check_quantizable(model, bits, group_size)
+    check_quantizable(model, bits, group_size, lm_head)
     if calib.dim() != 2 or calib.numel() == 0:
         raise HyperloopError("GPTQ needs calibration tokens shaped (sequences, tokens)")
     model.eval()
-    names = target_names(model)
+    names = target_names(model, lm_head)
     bar = tqdm(
         total=len(names) * calib.numel(), unit="tok", unit_scale=True, desc="gptq", disable=not progress
     )
