@@ -44,7 +44,7 @@ SMOKE_PRESETS = ["transformer-tiny", "hyperloop-tiny", "hf-llama-tiny"]
 
 def speed(args) -> dict:
     rows = decode_rows(args.presets, args.batch, args.prompt_len, args.new_tokens, compile=args.compile)
-    for name in args.presets:  # the looped presets again at fewer loops than trained
+    for name in args.presets if args.fewer_loops else []:  # the looped presets again at K' < K
         trained = preset_config(name).num_loops
         for loops in range(1, trained):
             rows += decode_rows([name], args.batch, args.prompt_len, args.new_tokens, num_loops=loops,
@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="torch.compile our decode step before capture")
+    parser.add_argument("--fewer-loops", action=argparse.BooleanOptionalAction, default=True,
+                        help="speed: also time the looped presets at every K' < K (default on)")
     parser.add_argument("--ckpt", help="trained looped checkpoint (or run folder) for the trade-off")
     parser.add_argument("--data", help="prepared data folder (its validation split) for the trade-off")
     parser.add_argument("--windows", type=int, default=16, help="trade-off: validation windows (default 16)")

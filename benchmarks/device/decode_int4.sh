@@ -8,7 +8,8 @@
 #  trained  with TRAINED="RUN..." (trained looped runs on the machine, e.g. from repro_xs.sh) and
 #           DATA: the loop / early-exit trade-off on the first, the INT4 perplexity columns (bf16,
 #           RTN, GPTQ loop-aware, GPTQ first loop) on all of them
-# LIMIT (seconds, default 330) bounds each benchmark command.
+# LIMIT (seconds, default 330) bounds each benchmark command; SPEED_ARGS / INT4_ARGS add flags
+# (e.g. SPEED_ARGS="--presets transformer-s hf-llama-s:static --no-fewer-loops").
 # Writes markdown + JSON into $OUT (copy them over results/, then re-append the notes).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -17,8 +18,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 quiet() { tr '\r' '\n' | grep -v -e '^\s*$' -e 'it/s\]$' -e 's/it\]$' -e 'tok/s\]$' -e 'Warning'; }
 for part in ${PARTS:-speed int4}; do
   case $part in
-  speed) timeout "${LIMIT:-330}" python benchmarks/decode.py --compile --out "$OUT" 2>&1 | quiet > "$OUT/decode.log" ;;
-  int4) timeout "${LIMIT:-330}" python benchmarks/int4.py --sections decode --compile --out "$OUT" 2>&1 \
+  speed) timeout "${LIMIT:-330}" python benchmarks/decode.py --compile --out "$OUT" ${SPEED_ARGS:-} 2>&1 \
+           | quiet > "$OUT/decode.log" ;;
+  int4) timeout "${LIMIT:-330}" python benchmarks/int4.py --sections decode --compile --out "$OUT" ${INT4_ARGS:-} 2>&1 \
           | quiet > "$OUT/int4.log" ;;
   trained)
     read -r -a runs <<< "${TRAINED:?set TRAINED to trained run folders}"
