@@ -21,7 +21,7 @@ case "${PHASE:?set PHASE=1, 2 or 3}" in
   (export CUDA_VISIBLE_DEVICES=0
    OUT=$OUT/decode PARTS=speed LIMIT=200 SPEED_ARGS="--presets transformer-s hyperloop-s hf-llama-s:static --no-fewer-loops" \
      bash benchmarks/device/decode_int4.sh > "$OUT/decode.log" 2>&1
-   PYTHONPATH=src timeout 120 python -m pytest -q tests/test_gpu.py tests/test_infer.py -k "cuda or compiled or graphed" \
+   PYTHONPATH=src timeout 150 python -m pytest -q tests/test_gpu.py tests/test_infer.py -k "cuda or compiled or graphed" \
      2>&1 | tail -15 > "$OUT/decode/test_gpu.txt"
    pack decode) &
   (CUDA_VISIBLE_DEVICES=1 OUT=$OUT/int4 PARTS=int4 LIMIT=280 INT4_ARGS="--presets transformer-s transformer-m" \
