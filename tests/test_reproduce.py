@@ -136,3 +136,47 @@ def test_report_only_lists_the_stages_that_did_not_run(report, tmp_path):
     assert "**Not run** (shown as '-'): int4 of looped, analysis." in text and "| looped |" in text
     with pytest.raises(HyperloopError, match="no trained runs"):
         reproduce("tiny", str(tmp_path / "empty"), report_only=True)
+
+
+def test_seeds_name_the_runs_and_set_train_seed():
+    from hyperloop.reproduce import main_variants
+
+    variants = main_variants("xs", [0, 2])
+    assert [v.name for v in variants] == ARCHS + [f"{a}-seed2" for a in ARCHS]
+    assert variants[0].overrides == [] and variants[-1].overrides == ["train.seed=2"]
+
+
+def test_report_over_seeds_gives_means_ranges_and_every_run(report, tmp_path):
+    """Runs of a second seed next to the first (here copies of seed 0's with other figures) are
+    averaged per architecture; the range is over seeds; each run keeps its own row."""
+    import shutil
+
+    two = tmp_path / "two"
+    shutil.copytree(report, two, ignore=shutil.ignore_patterns("checkpoints", "quant"))
+    for arch in ARCHS:
+        shutil.copytree(two / "runs" / arch, two / "runs" / f"{arch}-seed1")
+        for suffix in ("", "-int4"):
+            result = json.loads((two / "eval" / f"{arch}{suffix}.json").read_text())
+            result["ppl"] += 10.0
+            (two / "eval" / f"{arch}-seed1{suffix}.json").write_text(json.dumps(result))
+    assert main(["reproduce", "--scale", "tiny", "--out", str(two), "--report-only", "--seeds", "0", "1"]) == 0
+    summary = json.loads((two / "summary.json").read_text())
+    assert list(summary["models"]) == ARCHS and len(summary["runs"]) == 8
+    for arch in ARCHS:
+        row, first = summary["models"][arch], summary["runs"][arch]
+        assert row["seeds"] == {"0": arch, "1": f"{arch}-seed1"}
+        assert row["val_ppl"] == pytest.approx(first["val_ppl"] + 5.0)
+        assert row["val_ppl_range"] == pytest.approx([first["val_ppl"], first["val_ppl"] + 10.0])
+        assert row["int4_ppl"] == pytest.approx(first["int4_ppl"] + 5.0)
+        assert summary["runs"][f"{arch}-seed1"]["val_ppl"] == pytest.approx(first["val_ppl"] + 10.0)
+    text = (two / "report.md").read_text()
+    assert "seeds 0, 1" in text and "| hyperloop-seed1 |" in text and summary["missing_stages"] == []
+
+
+def test_bad_seeds(demo_data, tmp_path):
+    from hyperloop.errors import HyperloopError
+    from hyperloop.reproduce import reproduce
+
+    for seeds, ablations in (([0, 0], None), ([], None), ([1], ["init"]), ([-1], None)):
+        with pytest.raises(HyperloopError, match="--seeds"):
+            reproduce("tiny", str(tmp_path / "o"), data=str(demo_data), seeds=seeds, ablations=ablations)

@@ -46,7 +46,7 @@ case "${PHASE:?set PHASE=1, 2 or 3}" in
       pack train
     ) &
   fi
-  NAME=$NAME TASKS=runs/tasks GPUS=2 BUDGET=$BUDGET REPRO_ARGS="--set train.seed=$SEED" \
+  NAME=$NAME TASKS=runs/tasks GPUS=2 BUDGET=$BUDGET REPRO_ARGS="--seeds $SEED" \
     bash benchmarks/device/repro_xs.sh
   wait
   ;;

@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                    "or all; writes ablations.md)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train N models at a time, one process per GPU (logs in OUT/logs/)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="train every model once per seed (default: 0); runs of seed S > 0 are named "
+                   "<arch>-seedS, and the report gives each figure's mean and range over the seeds")
     p.add_argument("--device", default=None, help="device for eval/quant/analysis (default: cuda if available)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the stages that finished (missing ones show as '-'); compute nothing")

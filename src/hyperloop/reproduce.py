@@ -67,8 +67,18 @@ class Variant:
     overrides: list[str] = field(default_factory=list)
 
 
-def main_variants(scale: str) -> list[Variant]:
-    return [Variant(arch, f"{arch}-{scale}") for arch in ARCHS]
+def main_variants(scale: str, seeds: list[int] | None = None) -> list[Variant]:
+    """The four architectures once per seed. Seed 0 (the recipe's) keeps the plain names; another
+    seed s runs as `<arch>-seed<s>` with train.seed = s (other initial weights and data order)."""
+    return [Variant(arch, f"{arch}-{scale}") if seed == 0 else
+            Variant(f"{arch}-seed{seed}", f"{arch}-{scale}", [f"train.seed={seed}"])
+            for seed in seeds or [0] for arch in ARCHS]  # fmt: skip
+
+
+def _arch_and_seed(name: str) -> tuple[str, int]:
+    """`hyperloop-seed1` -> ("hyperloop", 1); `mhc` -> ("mhc", 0) (the names main_variants gives)."""
+    arch, _, seed = name.partition("-seed")
+    return arch, int(seed or 0)
 
 
 def ablation_variants(name: str, scale: str) -> list[Variant]:
@@ -319,10 +329,11 @@ def reproduce(
     calib_seqs: int | None = None,
     device: str | None = None,
     report_only: bool = False,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The main comparison (four architectures), or with `ablations` some of the paper's ablation
-    tables (Hyperloop variants; perplexity only, written to ablations.md / ablations.json).
-    gpus > 1 trains that many variants at a time, one process per GPU."""
+    """The main comparison (four architectures, once per seed in `seeds`), or with `ablations` some
+    of the paper's ablation tables (Hyperloop variants; perplexity only, written to ablations.md /
+    ablations.json). gpus > 1 trains that many variants at a time, one process per GPU."""
     if scale not in SCALES:
         raise HyperloopError(f"unknown scale '{scale}' (known: {', '.join(SCALES)})")
     spec = dataclasses.replace(SCALES[scale], eval_max_tokens=eval_tokens or SCALES[scale].eval_max_tokens,
@@ -334,7 +345,9 @@ def reproduce(
         tables = {name: ablation_variants(name, scale) for name in ablations}
         variants = list({v.name: v for rows in tables.values() for v in rows}.values())
     else:
-        variants = main_variants(scale)
+        variants = main_variants(scale, seeds)
+    if seeds is not None and (ablations or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise HyperloopError("--seeds takes distinct seeds >= 0, for the main comparison (not --ablation)")
     if gpus < 1:
         raise HyperloopError(f"--gpus must be >= 1, got {gpus}")
     if data is not None and not data.startswith("hf:") and not Path(data).exists():
@@ -383,9 +396,10 @@ def reproduce(
         res["int4"] = _stage_int4(out_dir, name, res["run"], data_dir, spec, device)
     from hyperloop.analysis.report import analyze
 
-    analysis_result = (_finished(out_dir / "analysis" / "analysis.json") or
-                       analyze([str(r["run"]) for r in results.values()], str(data_dir), str(out_dir / "analysis"),
-                               spec.analysis_tokens, labels=list(results), device=device))  # fmt: skip
+    first = {name: res for name, res in results.items() if _arch_and_seed(name)[1] == (seeds or [0])[0]}
+    analysis_result = (_finished(out_dir / "analysis" / "analysis.json") or  # the analyses: the first seed's models
+                       analyze([str(r["run"]) for r in first.values()], str(data_dir), str(out_dir / "analysis"),
+                               spec.analysis_tokens, labels=list(first), device=device))  # fmt: skip
     return write_report(out_dir, scale, spec, results, best_lr, analysis_result)
 
 
@@ -466,6 +480,7 @@ def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, ana
             "eval_data_ppl": ev.get("eval_data", {}),
         }
     train_tokens = max(c["train_tokens"] for c in curves.values())
+    models = _by_architecture(rows)
     summary = {
         "device": env.get("device", "cpu"),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -475,13 +490,38 @@ def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, ana
         "lr": best_lr,
         "command": "hyperloop " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
         "env": env,
-        "models": rows,
+        "models": models,
+        "runs": rows,
         "missing_stages": missing or [],
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     _plot_losses(out / "loss_curves.png", curves)
     atomic_write_text(out / "report.md", _report_markdown(summary, spec, out, analysis_result))
     return summary
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _by_architecture(rows: dict[str, dict]) -> dict[str, dict]:
+    """One row per architecture: the mean over its seeds of every figure, and under "seeds" the run
+    of each seed (its own row is in the summary's "runs"). With one seed, that run's figures."""
+    models: dict[str, dict] = {}
+    for name in rows:
+        arch, seed = _arch_and_seed(name)
+        models.setdefault(arch, {"seeds": {}})["seeds"][str(seed)] = name
+    for model in models.values():
+        runs = [rows[name] for name in model["seeds"].values()]
+        tasks = sorted({t for r in runs for t in r["tasks"]})
+        model.update(
+            params=runs[0]["params"], structure=runs[0]["structure"],
+            **{key: _mean([r[key] for r in runs]) for key in ("val_ppl", "int4_ppl", "tasks_avg", "train_tok_s")},
+            tasks={t: _mean([r["tasks"].get(t) for r in runs]) for t in tasks},
+            val_ppl_range=[min(v), max(v)] if (v := [r["val_ppl"] for r in runs if r["val_ppl"] is not None]) else None,
+        )  # fmt: skip
+    return models
 
 
 def _order(rows: dict, key: str) -> str:
@@ -495,7 +535,8 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> str:
-    rows = summary["models"]
+    rows, runs = summary["models"], summary["runs"]
+    seeds = sorted({seed for r in rows.values() for seed in r["seeds"]}, key=int)
     lines = [
         f"# Reproduction of the paper comparison ({summary['scale']})",
         "",
@@ -508,14 +549,23 @@ def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> 
         f"- INT4: loop-aware GPTQ (Hessian summed over all loops), 4 bits, group {spec.group_size}, "
         f"{spec.calib_seqs} calibration sequences",
         "",
-        "| model | structure | params | val PPL | INT4 PPL | INT4 - bf16 | tasks avg | train tok/s |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if len(seeds) > 1:
+        lines += [f"- seeds {', '.join(seeds)} (`train.seed`: initial weights and data order); each figure is the "
+                  "mean over the seeds that have it, the range is over seeds, and every run is listed below", ""]  # fmt: skip
+    lines += ["| model | structure | params | val PPL | INT4 PPL | INT4 - bf16 | tasks avg | train tok/s |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         delta = r["int4_ppl"] - r["val_ppl"] if r["int4_ppl"] and r["val_ppl"] else None
         avg = f"{100 * r['tasks_avg']:.1f}%" if r["tasks_avg"] is not None else "-"
-        lines.append(f"| {name} | {r['structure']} | {r['params'] / 1e6:.1f}M | {_fmt(r['val_ppl'])} | "
+        spread = f" ({r['val_ppl_range'][0]:.2f}-{r['val_ppl_range'][1]:.2f})" if len(r["seeds"]) > 1 else ""
+        lines.append(f"| {name} | {r['structure']} | {r['params'] / 1e6:.1f}M | {_fmt(r['val_ppl'])}{spread} | "
                      f"{_fmt(r['int4_ppl'])} | {_fmt(delta)} | {avg} | {_fmt(r['train_tok_s'], 0)} |")  # fmt: skip
+    if len(seeds) > 1:
+        lines += ["", "| run | val PPL | INT4 PPL | tasks avg |", "|---|---|---|---|"]
+        for name, r in runs.items():
+            avg = f"{100 * r['tasks_avg']:.1f}%" if r["tasks_avg"] is not None else "-"
+            lines.append(f"| {name} | {_fmt(r['val_ppl'])} | {_fmt(r['int4_ppl'])} | {avg} |")
     if all(name in PAPER_S for name in rows):
         paper = sorted(PAPER_S, key=lambda n: PAPER_S[n][0])
         lines += ["", f"Order by validation perplexity (best first): {_order(rows, 'val_ppl')}. "
@@ -602,7 +652,7 @@ def reproduce_from_cli(args) -> None:
     summary = reproduce(
         args.scale, args.out, data=args.data, eval_data=args.eval_data, tasks_dir=args.tasks_dir, steps=args.steps,
         lr_sweep=args.lr_sweep, sweep_tokens=args.sweep_tokens, overrides=args.overrides, ablations=args.ablation,
-        gpus=args.gpus, eval_tokens=args.eval_tokens, analysis_tokens=args.analysis_tokens,
+        gpus=args.gpus, seeds=args.seeds, eval_tokens=args.eval_tokens, analysis_tokens=args.analysis_tokens,
         calib_seqs=args.calib_seqs, device=args.device, report_only=args.report_only,
     )  # fmt: skip
     if summary.get("stopped"):
