@@ -590,7 +590,7 @@ def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> 
     if analysis_result is not None:
         lines += ["## Analyses", "", "See [analysis/summary.md](analysis/summary.md) for the tables.", "",
                   "![logit lens](analysis/logit_lens.png)", ""]  # fmt: skip
-        lines += [f"![{name} similarity](analysis/{name}/similarity.png)" for name in rows
+        lines += [f"![{name} similarity](analysis/{name}/similarity.png)" for name in runs
                   if (out / "analysis" / name / "similarity.png").is_file()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
