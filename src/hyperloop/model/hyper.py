@@ -163,8 +163,10 @@ class HyperConnection(nn.Module):
 
 
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(..., C) -> (..., n, C): the streams start as n copies of the residual stream."""
-    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+    """(..., C) -> (..., n, C): the streams start as n copies of the residual stream. A broadcast
+    view, not n written copies: the first site only reads them (its write makes new streams), and a
+    compiled site reads a stride-0 input straight from x, without an n-fold copy in memory."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
 
 
 def merge_streams(y: torch.Tensor) -> torch.Tensor:
