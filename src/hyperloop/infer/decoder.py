@@ -7,8 +7,9 @@ Both have the same two calls, so `generate` does not care which it drives:
 On CUDA the decode step is captured once as a CUDA graph and replayed: a step of an S-size model is
 a few hundred small kernels, and launching them one by one from Python costs more than running them.
 `compile=True` first runs the step through torch.compile (fused kernels) and captures that. With
-early exit, whose control flow depends on the logits, the step is captured as one graph per loop,
-and the host reads whether every row has exited between their replays. On CPU the step runs eagerly.
+early exit, whose control flow depends on the logits, the (uncompiled) step is captured as one graph
+per loop, and the host reads whether every row has exited between their replays. On CPU the step
+runs eagerly.
 """
 
 from __future__ import annotations
