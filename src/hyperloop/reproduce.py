@@ -339,6 +339,8 @@ def reproduce(
     spec = dataclasses.replace(SCALES[scale], eval_max_tokens=eval_tokens or SCALES[scale].eval_max_tokens,
                                analysis_tokens=analysis_tokens or SCALES[scale].analysis_tokens,
                                calib_seqs=calib_seqs or SCALES[scale].calib_seqs)
+    if seeds is not None and (ablations or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise HyperloopError("--seeds takes distinct seeds >= 0, for the main comparison (not --ablation)")
     if ablations and "all" in ablations:
         ablations = list(ABLATIONS)
     if ablations:  # the union of the tables' variants: the shared reference rows are trained once
@@ -346,8 +348,6 @@ def reproduce(
         variants = list({v.name: v for rows in tables.values() for v in rows}.values())
     else:
         variants = main_variants(scale, seeds)
-    if seeds is not None and (ablations or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
-        raise HyperloopError("--seeds takes distinct seeds >= 0, for the main comparison (not --ablation)")
     if gpus < 1:
         raise HyperloopError(f"--gpus must be >= 1, got {gpus}")
     if data is not None and not data.startswith("hf:") and not Path(data).exists():

@@ -150,14 +150,17 @@ class QuantLinear(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------- forward
+    def _kernel_on(self, device: torch.device) -> bool:
+        """Whether this layer can use the int4 kernel on `device` at all."""
+        return self.use_kernel and self._kernel_shapes_ok and device.type == "cuda" and tinygemm_available(device.index)
+
     def _kernel_usable(self, x: torch.Tensor) -> bool:
-        if not (self.use_kernel and self._kernel_shapes_ok and x.is_cuda and x.dtype == torch.bfloat16
-                and x.numel() <= KERNEL_MAX_ROWS * self.in_features):  # fmt: skip
+        if x.dtype != torch.bfloat16 or x.numel() > KERNEL_MAX_ROWS * self.in_features:
             return False
         # Operands built for this device already answer for it: a compiled forward (prepare_kernel
         # ran first) then traces no query of the device.
         built = self._kernel_cache is not None and self._kernel_cache[0] == x.device
-        return built or tinygemm_available(x.device.index)
+        return built or self._kernel_on(x.device)
 
     def _kernel_operands(self, device: torch.device) -> tuple:
         if self._kernel_cache is None or self._kernel_cache[0] != device:
@@ -177,9 +180,8 @@ class QuantLinear(nn.Module):
     def prepare_kernel(self) -> None:
         """Build the kernel operands now, eagerly. torch.compile cannot trace building them (it
         branches on the data), so a caller that compiles the forward calls this first."""
-        device = self.qweight.device
-        if self.use_kernel and self._kernel_shapes_ok and device.type == "cuda" and tinygemm_available(device.index):
-            self._kernel_operands(device)
+        if self._kernel_on(self.qweight.device):
+            self._kernel_operands(self.qweight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel_usable(x):
