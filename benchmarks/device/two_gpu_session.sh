@@ -7,8 +7,9 @@
 #   PHASE=2  carry .carry/p2 (shards 3-6) and .carry/tasks: repro_xs.sh prepares all 7 shards and
 #            trains the four xs models of seed $SEED two at a time (mHC, the slowest, first)
 #   PHASE=3  no carry, repeat until done: repro_xs.sh resumes the trainings, then evaluates,
-#            quantizes and analyses on GPU 0. Once the trainings are done, GPU 1 times the training
-#            step of transformer-s, HF Llama and hyperloop-s
+#            quantizes and analyses on GPU 0. Once the trainings are done, GPU 1 measures the loop /
+#            early-exit trade-off of the new Hyperloop, then times the training step of transformer-s,
+#            HF Llama and hyperloop-s
 # The device tool returns at most 8 files from $OUT, so each part is tarred.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,6 +38,12 @@ case "${PHASE:?set PHASE=1, 2 or 3}" in
         sleep 5; [ "$(date +%s)" -lt "$END" ] || exit 0
       done
       touch runs/bench.started
+      # the loop / early-exit trade-off of the trained seed's Hyperloop (early exit as CUDA graphs)
+      mkdir -p "$OUT/tradeoff"
+      CUDA_VISIBLE_DEVICES=1 PYTHONPATH=src timeout $(( END - $(date +%s) - 20 )) python benchmarks/decode.py \
+        --sections tradeoff --ckpt "runs/$NAME/runs/hyperloop-seed$SEED" --data runs/enwiki --out "$OUT/tradeoff" \
+        > "$OUT/tradeoff/tradeoff.log" 2>&1
+      pack tradeoff
       left=$(( END - $(date +%s) - 20 ))
       [ "$left" -gt 100 ] || exit 0
       mkdir -p "$OUT/train"
