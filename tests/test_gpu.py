@@ -44,6 +44,31 @@ def test_compiled_bf16_step_matches_eager_fp32(arch):
     assert worst < 5e-2, worst
 
 
+@pytest.mark.parametrize("arch", ["transformer", "mhc", "looped", "hyperloop"])
+def test_validation_after_compiled_training_matches_eager(arch):
+    """Validation during training (`eager_no_grad`, after compiled training steps) gives the eager
+    model's logits. The HC parameters are perturbed so the streams differ (at init they are near
+    copies, which would hide a stream mix-up)."""
+    from hyperloop.train.loop import eager_no_grad
+
+    torch.manual_seed(0)
+    cfg = get_preset(f"{arch}-xs").replace(vocab_size=4096, max_seq_len=512)
+    model = HyperloopLM(cfg).cuda()
+    with torch.no_grad():
+        for p in model.hc.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = model(x).float()
+    compile_blocks(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, torch.roll(x, -1, dims=1)).backward()
+    model.eval()
+    with eager_no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for batch in (4, 2):  # the last validation batch may be smaller
+            assert _rel(model(x[:batch]).float(), reference[:batch]) < 2e-2
+
+
 def test_compiled_int4_decode_matches_eager():
     """The compiled decode step (torch.compile, then a CUDA graph) of an int4 model gives the eager
     step's logits: the kernel's operands are built before compiling (bf16 weights:

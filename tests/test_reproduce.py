@@ -171,6 +171,22 @@ def test_report_over_seeds_gives_means_ranges_and_every_run(report, tmp_path):
         assert summary["runs"][f"{arch}-seed1"]["val_ppl"] == pytest.approx(first["val_ppl"] + 10.0)
     text = (two / "report.md").read_text()
     assert "seeds 0, 1" in text and "| hyperloop-seed1 |" in text and summary["missing_stages"] == []
+    assert "seed 0: " in text and "seed 1: " in text  # each seed's own order, next to the mean's
+
+    # Seed 0 without INT4 for hyperloop, seed 1 trained on another device: the INT4 - bf16 column
+    # pairs each run with its own bf16 figure, and tok/s averages only the first device's runs.
+    (two / "eval" / "hyperloop-int4.json").unlink()
+    config = json.loads((two / "runs" / "hyperloop-seed1" / "config.json").read_text())
+    config.setdefault("env", {})["device"] = "Other GPU"
+    (two / "runs" / "hyperloop-seed1" / "config.json").write_text(json.dumps(config))
+    assert main(["reproduce", "--scale", "tiny", "--out", str(two), "--report-only", "--seeds", "0", "1"]) == 0
+    summary = json.loads((two / "summary.json").read_text())
+    row, runs = summary["models"]["hyperloop"], summary["runs"]
+    assert row["int4_seeds"] == ["1"] and row["int4_ppl"] == pytest.approx(runs["hyperloop-seed1"]["int4_ppl"])
+    assert row["int4_delta"] == pytest.approx(runs["hyperloop-seed1"]["int4_ppl"] - runs["hyperloop-seed1"]["val_ppl"])
+    assert row["train_tok_s"] == pytest.approx(runs["hyperloop"]["train_tok_s"])
+    text = (two / "report.md").read_text()
+    assert "(seed 1) |" in text and "Other GPU (seed 1)" in text and "Order after INT4: mean: -" in text
 
 
 def test_bad_seeds(demo_data, tmp_path):

@@ -460,8 +460,10 @@ def _plot_losses(path: Path, curves: dict[str, dict[str, Any]]) -> None:
 def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, analysis_result,
                  missing: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """`missing`: stages that did not run (their cells are '-'), listed in the report."""
-    # The environment the models were trained in (the report may be written elsewhere).
-    env = read_json(next(iter(results.values()))["run"] / "config.json").get("env") or _environment()
+    # The environment each model was trained in (the report may be written elsewhere, and seeds run
+    # on different machines); the first run's is the summary's.
+    envs = {name: read_json(res["run"] / "config.json").get("env") or _environment() for name, res in results.items()}
+    env = next(iter(envs.values()))
     rows = {}
     curves = {}
     for name, res in results.items():
@@ -477,6 +479,8 @@ def write_report(out: Path, scale: str, spec: Scale, results: dict, best_lr, ana
             "tasks": {t: v["score"] for t, v in ev.get("tasks", {}).items()},
             "tasks_avg": ev.get("avg"),
             "train_tok_s": metrics["train_tok_s"],
+            "device": envs[name].get("device", "cpu"),
+            "commit": envs[name].get("git"),
             "eval_data_ppl": ev.get("eval_data", {}),
         }
     train_tokens = max(c["train_tokens"] for c in curves.values())
@@ -507,17 +511,23 @@ def _mean(values: list) -> float | None:
 
 def _by_architecture(rows: dict[str, dict]) -> dict[str, dict]:
     """One row per architecture: the mean over its seeds of every figure, and under "seeds" the run
-    of each seed (its own row is in the summary's "runs"). With one seed, that run's figures."""
+    of each seed (its own row is in the summary's "runs"). With one seed, that run's figures.
+    "int4_delta" pairs each run's INT4 with its own bf16 perplexity (a seed without INT4 would skew a
+    difference of means); "train_tok_s" averages only the runs on the first run's device."""
     models: dict[str, dict] = {}
     for name in rows:
         arch, seed = _arch_and_seed(name)
         models.setdefault(arch, {"seeds": {}})["seeds"][str(seed)] = name
+    device = next(iter(rows.values()))["device"]
     for model in models.values():
         runs = [rows[name] for name in model["seeds"].values()]
         tasks = sorted({t for r in runs for t in r["tasks"]})
         model.update(
             params=runs[0]["params"], structure=runs[0]["structure"],
-            **{key: _mean([r[key] for r in runs]) for key in ("val_ppl", "int4_ppl", "tasks_avg", "train_tok_s")},
+            **{key: _mean([r[key] for r in runs]) for key in ("val_ppl", "int4_ppl", "tasks_avg")},
+            int4_seeds=[s for s, n in model["seeds"].items() if rows[n]["int4_ppl"] is not None],
+            int4_delta=_mean([r["int4_ppl"] - r["val_ppl"] for r in runs if r["int4_ppl"] and r["val_ppl"]]),
+            train_tok_s=_mean([r["train_tok_s"] for r in runs if r["device"] == device]),
             tasks={t: _mean([r["tasks"].get(t) for r in runs]) for t in tasks},
             val_ppl_range=[min(v), max(v)] if (v := [r["val_ppl"] for r in runs if r["val_ppl"] is not None]) else None,
         )  # fmt: skip
@@ -528,6 +538,31 @@ def _order(rows: dict, key: str) -> str:
     """Model names by `key`, best (lowest) first; models without the figure are left out."""
     ranked = sorted((n for n in rows if rows[n][key] is not None), key=lambda n: rows[n][key])
     return " < ".join(ranked) or "-"
+
+
+def _orders(models: dict, runs: dict, key: str) -> str:
+    """The order of the means over seeds, then each seed's own order, of the seeds where every
+    architecture has the figure (a mean over some seeds only would compare unlike sets)."""
+    seeds = sorted({seed for m in models.values() for seed in m["seeds"]}, key=int)
+    complete = [s for s in seeds if all(s in m["seeds"] and runs[m["seeds"][s]][key] is not None for m in models.values())]
+    if len(seeds) == 1:
+        return _order(models, key)
+    per_seed = "; ".join(f"seed {s}: " + _order({a: runs[m["seeds"][s]] for a, m in models.items()}, key)
+                         for s in complete)  # fmt: skip
+    mean = f"mean over seeds: {_order(models, key)}" if complete == seeds else "mean: - (not every seed has it)"
+    return f"{mean}" + (f"; {per_seed}" if per_seed else "")
+
+
+def _per_seed(models: dict, runs: dict, key: str) -> str:
+    """A run attribute (device, commit) once if every run shares it, else with the seeds of each."""
+    seeds: dict[str, list[str]] = {}
+    for m in models.values():
+        for seed, name in m["seeds"].items():
+            if seed not in seeds.setdefault(str(runs[name][key]), []):
+                seeds[str(runs[name][key])].append(seed)
+    if len(seeds) == 1:
+        return next(iter(seeds))
+    return ", ".join(f"{value} (seed {', '.join(sorted(s, key=int))})" for value, s in seeds.items())
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -542,7 +577,8 @@ def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> 
         "",
         f"> {spec.note}",
         "",
-        f"- device: {summary['device']}; date: {summary['date']}; commit: {summary['commit']}",
+        f"- device: {_per_seed(rows, runs, 'device')}; date: {summary['date']}; "
+        f"commit: {_per_seed(rows, runs, 'commit')}",
         f"- command: `{summary['command']}`",
         f"- training tokens per model: {summary['train_tokens']:,}" + (f"; peak LR {summary['lr']:g} (from the sweep)"
                                                                          if summary["lr"] else ""),
@@ -552,26 +588,31 @@ def _report_markdown(summary: dict, spec: Scale, out: Path, analysis_result) -> 
     ]
     if len(seeds) > 1:
         lines += [f"- seeds {', '.join(seeds)} (`train.seed`: initial weights and data order); each figure is the "
-                  "mean over the seeds that have it, the range is over seeds, and every run is listed below", ""]  # fmt: skip
+                  "mean over the seeds that have it (INT4 names its seeds where some lack it; INT4 - bf16 pairs "
+                  f"each run with itself), the range is over seeds; train tok/s: runs on {summary['device']}; "
+                  "every run is listed below", ""]  # fmt: skip
     lines += ["| model | structure | params | val PPL | INT4 PPL | INT4 - bf16 | tasks avg | train tok/s |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
-        delta = r["int4_ppl"] - r["val_ppl"] if r["int4_ppl"] and r["val_ppl"] else None
         avg = f"{100 * r['tasks_avg']:.1f}%" if r["tasks_avg"] is not None else "-"
         spread = f" ({r['val_ppl_range'][0]:.2f}-{r['val_ppl_range'][1]:.2f})" if len(r["seeds"]) > 1 else ""
+        some = len(r["int4_seeds"]) not in (0, len(r["seeds"]))
+        int4_seeds = f" (seed {', '.join(r['int4_seeds'])})" if some else ""
         lines.append(f"| {name} | {r['structure']} | {r['params'] / 1e6:.1f}M | {_fmt(r['val_ppl'])}{spread} | "
-                     f"{_fmt(r['int4_ppl'])} | {_fmt(delta)} | {avg} | {_fmt(r['train_tok_s'], 0)} |")  # fmt: skip
+                     f"{_fmt(r['int4_ppl'])}{int4_seeds} | {_fmt(r['int4_delta'])} | {avg} | "
+                     f"{_fmt(r['train_tok_s'], 0)} |")  # fmt: skip
     if len(seeds) > 1:
-        lines += ["", "| run | val PPL | INT4 PPL | tasks avg |", "|---|---|---|---|"]
+        lines += ["", "| run | val PPL | INT4 PPL | tasks avg | train tok/s | device |", "|---|---|---|---|---|---|"]
         for name, r in runs.items():
             avg = f"{100 * r['tasks_avg']:.1f}%" if r["tasks_avg"] is not None else "-"
-            lines.append(f"| {name} | {_fmt(r['val_ppl'])} | {_fmt(r['int4_ppl'])} | {avg} |")
+            lines.append(f"| {name} | {_fmt(r['val_ppl'])} | {_fmt(r['int4_ppl'])} | {avg} | "
+                         f"{_fmt(r['train_tok_s'], 0)} | {r['device']} |")  # fmt: skip
     if all(name in PAPER_S for name in rows):
         paper = sorted(PAPER_S, key=lambda n: PAPER_S[n][0])
-        lines += ["", f"Order by validation perplexity (best first): {_order(rows, 'val_ppl')}. "
+        lines += ["", f"Order by validation perplexity (best first): {_orders(rows, runs, 'val_ppl')}. "
                   f"The paper's S-scale order: {' < '.join(paper)} "
                   f"({', '.join(f'{n} {PAPER_S[n][0]}' for n in paper)})."]  # fmt: skip
-        lines.append(f"Order after INT4: {_order(rows, 'int4_ppl')}.")
+        lines.append(f"Order after INT4: {_orders(rows, runs, 'int4_ppl')}.")
     if summary["missing_stages"]:
         lines += ["", f"**Not run** (shown as '-'): {', '.join(summary['missing_stages'])}."]
     task_names = sorted({t for r in rows.values() for t in r["tasks"]})

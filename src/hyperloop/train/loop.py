@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +129,21 @@ class _StopFlag:
         self.requested = True
 
 
+@contextmanager
+def eager_no_grad():
+    """no_grad with every compiled function run eagerly. On CUDA (torch 2.11) the inference graphs
+    that mHC's compiled blocks get on their first no_grad call give wrong logits, while their training
+    graphs are right (tests/test_gpu.py); validation is a small share of a run, so it runs eagerly."""
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        yield
+
+
 def evaluate(model, data: TokenData, train: TrainConfig, device, autocast) -> float:
     """Mean validation cross-entropy over the first eval_tokens predicted tokens."""
     windows = EvalWindows(data, train.seq_len, train.micro_batch, split="validation", max_tokens=train.eval_tokens)
     total = torch.zeros((), device=device, dtype=torch.float64)
     model.eval()
-    with torch.no_grad():
+    with eager_no_grad():
         for x, y in windows:
             with autocast:
                 total += model(x.to(device), y.to(device)).double() * y.numel()
