@@ -310,6 +310,16 @@ def test_cuda_kernel_matches_dequantize_path(act_order):
     assert ((fast.float() - reference.float()).norm() / reference.float().norm()) < 1e-2
 
 
+def test_use_kernel_false_wins_over_built_kernel_operands():
+    """Once prepare_kernel has built the operands, use_kernel = False still forces the dequantize
+    path (benchmarks/int4.py measures the kernel's error against it)."""
+    layer = QuantLinear.from_quantized(rtn(torch.randn(64, 128), bits=4, group_size=32))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    layer._kernel_cache = (x.device, None, None, None)  # as if built for this device
+    layer.use_kernel = False
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize(x.dtype)))
+
+
 def test_s_size_linears_take_under_030_of_bf16():
     """Bytes of the packed tensors (exactly what lands in safetensors) for one S-size layer."""
     d, f = 1024, 2816

@@ -155,7 +155,7 @@ class QuantLinear(nn.Module):
         return self.use_kernel and self._kernel_shapes_ok and device.type == "cuda" and tinygemm_available(device.index)
 
     def _kernel_usable(self, x: torch.Tensor) -> bool:
-        if x.dtype != torch.bfloat16 or x.numel() > KERNEL_MAX_ROWS * self.in_features:
+        if not self.use_kernel or x.dtype != torch.bfloat16 or x.numel() > KERNEL_MAX_ROWS * self.in_features:
             return False
         # Operands built for this device already answer for it: a compiled forward (prepare_kernel
         # ran first) then traces no query of the device.
