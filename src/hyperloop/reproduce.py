@@ -438,12 +438,17 @@ def _plot_losses(path: Path, curves: dict[str, dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    # One colour per architecture, one line style per seed: the seeds of a model read as a band.
+    archs = list(dict.fromkeys(_arch_and_seed(name)[0] for name in curves))
+    seeds = sorted({_arch_and_seed(name)[1] for name in curves})
     for name, m in curves.items():
+        arch, seed = _arch_and_seed(name)
+        style = {"color": f"C{archs.index(arch) % 10}", "linestyle": ("-", "--", ":", "-.")[seeds.index(seed) % 4]}
         tokens, loss = zip(*m["curve"]) if m["curve"] else ((), ())
-        line = ax.plot([t / 1e6 for t in tokens], loss, label=f"{name} (train)", linewidth=1.2)[0]
+        ax.plot([t / 1e6 for t in tokens], loss, label=f"{name} (train)", linewidth=1.0, alpha=0.7, **style)
         if m["val_curve"]:
             vt, vl = zip(*m["val_curve"])
-            ax.plot([t / 1e6 for t in vt], vl, "o--", color=line.get_color(), markersize=3, label=f"{name} (val)")
+            ax.plot([t / 1e6 for t in vt], vl, marker="o", markersize=3, label=f"{name} (val)", **style)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title("Training curves")
