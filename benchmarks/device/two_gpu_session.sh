@@ -41,7 +41,7 @@ case "${PHASE:?set PHASE=1, 2 or 3}" in
       # the loop / early-exit trade-off of the trained seed's Hyperloop (early exit as CUDA graphs)
       mkdir -p "$OUT/tradeoff"
       CUDA_VISIBLE_DEVICES=1 PYTHONPATH=src timeout $(( END - $(date +%s) - 20 )) python benchmarks/decode.py \
-        --sections tradeoff --ckpt "runs/$NAME/runs/hyperloop-seed$SEED" --data runs/enwiki --out "$OUT/tradeoff" \
+        --sections tradeoff --ckpt "runs/$NAME/runs/hyperloop$([ "$SEED" = 0 ] || echo "-seed$SEED")" --data runs/enwiki --out "$OUT/tradeoff" \
         > "$OUT/tradeoff/tradeoff.log" 2>&1
       pack tradeoff
       left=$(( END - $(date +%s) - 20 ))
