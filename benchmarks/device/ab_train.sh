@@ -3,7 +3,8 @@
 # the same GPU (results/train-throughput.*: the before/after columns), with a profile of the "after".
 # Make the baseline first: git archive <commit> src | tar -x -C .carry/base   (and carry .carry/base)
 # Env: BASE (default .carry/base/src), BEFORE / AFTER (presets), MICRO (default 16), STEPS (10),
-#      TAG (output subfolder), BUDGET (seconds for both; default 420). Writes into $OUT/$TAG.
+#      TAG (output subfolder), BUDGET (seconds for both; default 420). Writes $OUT/$TAG.tgz (the
+#      device tool returns at most 8 files per call; the profile alone has more).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}/${TAG:-ab}; mkdir -p "$OUT"
@@ -16,3 +17,4 @@ bench() {  # PYTHONPATH, label, presets, extra flags...
 bench "${BASE:-.carry/base/src}" before "$BEFORE"
 bench src after "$AFTER" --profile "$OUT/profile"
 cat "$OUT/bench.log"
+tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && rm -rf "$OUT"
