@@ -549,22 +549,21 @@ def _orders(models: dict, runs: dict, key: str) -> str:
     """The order of the means over seeds, then each seed's own order, of the seeds where every
     architecture has the figure (a mean over some seeds only would compare unlike sets)."""
     seeds = sorted({seed for m in models.values() for seed in m["seeds"]}, key=int)
-    complete = [s for s in seeds if all(s in m["seeds"] and runs[m["seeds"][s]][key] is not None for m in models.values())]
     if len(seeds) == 1:
         return _order(models, key)
+    complete = [s for s in seeds if all(s in m["seeds"] and runs[m["seeds"][s]][key] is not None for m in models.values())]
     per_seed = "; ".join(f"seed {s}: " + _order({a: runs[m["seeds"][s]] for a, m in models.items()}, key)
                          for s in complete)  # fmt: skip
     mean = f"mean over seeds: {_order(models, key)}" if complete == seeds else "mean: - (not every seed has it)"
-    return f"{mean}" + (f"; {per_seed}" if per_seed else "")
+    return mean + (f"; {per_seed}" if per_seed else "")
 
 
 def _per_seed(models: dict, runs: dict, key: str) -> str:
     """A run attribute (device, commit) once if every run shares it, else with the seeds of each."""
-    seeds: dict[str, list[str]] = {}
+    seeds: dict[str, set[str]] = {}
     for m in models.values():
         for seed, name in m["seeds"].items():
-            if seed not in seeds.setdefault(str(runs[name][key]), []):
-                seeds[str(runs[name][key])].append(seed)
+            seeds.setdefault(str(runs[name][key]), set()).add(seed)
     if len(seeds) == 1:
         return next(iter(seeds))
     return ", ".join(f"{value} (seed {', '.join(sorted(s, key=int))})" for value, s in seeds.items())
