@@ -4,6 +4,8 @@ Sections (--sections, default: decode and quant-time, plus ppl when --ckpt is gi
   decode      tokens/s of greedy decoding at batch 1 (KV cache + CUDA graph: hyperloop.infer's Decoder)
               of random-weight models in bf16 and with RTN int4 linears, and the int4 kernel's output
               against the dequantize-then-matmul reference on the same model.
+  kernels     (CUDA) every linear shape of --presets at one row: bf16 cuBLAS against tinygemm, each
+              timed over distinct weights (more than L2 holds) inside a CUDA graph, without launch cost.
   layer-error one RTN-quantized (1024 x 1024) linear: the int4 kernel (tinygemm; its CPU build without
               a GPU) against dequantize-then-matmul in fp32, next to the two roundings it contains:
               the weights rounded to bf16 (what the dequantize path in bf16 does too) and the grid
@@ -49,7 +51,7 @@ from hyperloop.quant.grid import rtn
 from hyperloop.quant.linear import QuantLinear
 from hyperloop.quant.quantize import quantize_gptq, quantize_rtn, replace_module
 
-SECTIONS = ("decode", "layer-error", "quant-time", "ppl")
+SECTIONS = ("decode", "kernels", "layer-error", "quant-time", "ppl")
 KERNEL_TOLERANCE = 0.02  # bf16 rounding of weights and float zeros gives ~4e-3 (reference notes)
 RUN_KEYS = ("command", "device", "torch", "date")  # stored with every row: rows of several runs are merged
 
@@ -120,13 +122,63 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         }
         print(f"{preset:<16} decode {row['float_tok_s']:8.1f} -> {row['int4_tok_s']:8.1f} tok/s "
               f"({row['speedup']:.2f}x; head too: {row['speedup_with_head']:.2f}x)", file=sys.stderr)  # fmt: skip
-        error = row["kernel_vs_dequant_rel_error"]
         if error > KERNEL_TOLERANCE:
             print(f"WARNING: {preset}: int4 kernel logits differ from the dequantized reference by "
                   f"{error:.3g} (relative): the tinygemm layout is wrong", file=sys.stderr)  # fmt: skip
         rows.append(row)
         del model
     return rows
+
+
+def linear_shapes(presets: list[str]) -> list[tuple[int, int]]:
+    """(in, out) of every distinct linear of the presets' layers: wqkv, wo, w_gate_up, w_down."""
+    shapes = set()
+    for preset in presets:
+        d, f = get_preset(preset).dim, get_preset(preset).ffn_dim
+        shapes |= {(d, 3 * d), (d, d), (d, 2 * f), (f, d)}
+    return sorted(shapes)
+
+
+def graphed_us(calls: list) -> float:
+    """Microseconds per call of `calls` (closures over distinct weights, so that together they
+    exceed the L2 cache as a model's layers do), captured in one CUDA graph: no launch cost."""
+    for call in calls[:2]:
+        call()  # Triton compiles, cuBLAS picks its kernel
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / (5 * len(calls))
+
+
+@torch.no_grad()
+def kernel_row(in_f: int, out_f: int, group_size: int, device: torch.device) -> dict:
+    """One linear shape at batch 1: bf16 cuBLAS against tinygemm, the ceiling of what int4 can
+    take off the matmuls of a decode step."""
+    from hyperloop.quant.linear import int4_tinygemm_weight, tinygemm_scales_and_zeros
+
+    copies = max(4, (256 << 20) // (in_f * out_f // 2))  # 256 MB of int4 weights: far beyond L2
+    q = rtn(torch.randn(out_f, in_f) * 0.02, bits=4, group_size=group_size)
+    x = torch.randn(1, in_f, device=device, dtype=torch.bfloat16)
+    bf16 = [torch.randn(out_f, in_f, device=device, dtype=torch.bfloat16) for _ in range(max(4, copies // 4))]
+    tiny = [(int4_tinygemm_weight(q.codes.to(device), 8), tinygemm_scales_and_zeros(q.scales, q.zeros).to(device))
+            for _ in range(copies)]  # fmt: skip
+    row = {"shape": f"{in_f}x{out_f}", "int4_mb": in_f * out_f / 2 / 2**20, "group_size": group_size}
+    row["bf16_us"] = graphed_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
+    row["tinygemm_us"] = graphed_us([lambda w=w, sz=sz: torch.ops.aten._weight_int4pack_mm(x, w, group_size, sz)
+                                     for w, sz in tiny])  # fmt: skip
+    row["speedup"] = row["bf16_us"] / row["tinygemm_us"]
+    row["tinygemm_gb_s"] = row["int4_mb"] * 2**20 / row["tinygemm_us"] / 1e3
+    print(f"{row['shape']:>10}: bf16 {row['bf16_us']:.2f} us, tinygemm {row['tinygemm_us']:.2f} us", file=sys.stderr)
+    return row
 
 
 def bench_quant_time(args, device: torch.device) -> list[dict]:
@@ -226,13 +278,15 @@ def layer_error(device: torch.device, size: int = 1024, group_size: int = 128, r
 
 
 # ------------------------------------------------------------------------------------ report
-KEYS = {"decode": "preset", "layer-error": "shape", "quant-time": "preset", "ppl": "checkpoint"}
+KEYS = {"decode": "preset", "kernels": "shape", "layer-error": "shape", "quant-time": "preset", "ppl": "checkpoint"}
 COLUMNS = {
     "decode": [("preset", "model"), ("dtype", "float dtype"), ("float_tok_s", "float tok/s"),
                ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"), ("int4_head_tok_s", "int4 + head tok/s"),
                ("speedup_with_head", "speedup (head too)"), ("float_model_gb", "float GB"),
                ("int4_model_gb", "int4 GB"), ("int4_head_model_gb", "int4 + head GB"),
                ("kernel_vs_dequant_rel_error", "kernel rel. err")],
+    "kernels": [("shape", "in x out"), ("int4_mb", "int4 MB"), ("bf16_us", "bf16 cuBLAS us"),
+                ("tinygemm_us", "tinygemm us"), ("speedup", "speedup"), ("tinygemm_gb_s", "tinygemm GB/s")],
     "layer-error": [("shape", "weight"), ("group_size", "group"), ("kernel", "kernel"),
                     ("kernel_vs_dequant", "kernel vs dequant (fp32)"), ("bf16_weights", "bf16 weights alone"),
                     ("bf16_grid", "bf16 grid alone")],
@@ -245,6 +299,7 @@ COLUMNS = {
 }  # fmt: skip
 TITLES = {
     "decode": "Decode speed at batch 1 (greedy, KV cache), random weights, RTN int4 linears",
+    "kernels": "One linear at batch 1: bf16 cuBLAS against int4 tinygemm (calls captured in a CUDA graph)",
     "layer-error": "One linear layer: int4 kernel against dequantize-then-matmul (relative output error)",
     "quant-time": "GPTQ wall time",
     "ppl": "Validation perplexity after INT4 (trained checkpoints)",
@@ -293,7 +348,7 @@ def markdown(results: dict) -> str:
 SMOKE = {
     "presets": ["transformer-tiny", "hyperloop-tiny"],
     "quant_preset": "hyperloop-tiny",
-    "sections": list(SECTIONS),
+    "sections": [s for s in SECTIONS if s != "kernels"],  # kernels: CUDA only
     "group_size": 32,  # the tiny FFN width (352) is not a multiple of 128
     "calib_seqs": 4,
     "calib_len": 64,
@@ -377,6 +432,8 @@ def main() -> None:
         info = run_info(device)
         if "decode" in sections:
             results["decode"] = bench_decode(args, device, dtype)
+        if "kernels" in sections:
+            results["kernels"] = [kernel_row(*shape, args.group_size, device) for shape in linear_shapes(args.presets)]
         if "layer-error" in sections:
             results["layer-error"] = [layer_error(device)]
         if "quant-time" in sections:

@@ -343,8 +343,12 @@ def test_bench_decode_smoke(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--preset", "hyperloop-tiny", "hf-llama-tiny", "hf-llama-tiny:static",
-                 "--batch", "2", "--prompt-len", "4", "--new-tokens", "3", "--json", str(out)]) == 0  # fmt: skip
+                 "--batch", "2", "--prompt-len", "4", "--new-tokens", "3", "--json", str(out),
+                 "--profile", str(tmp_path / "prof")]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
+    table = (tmp_path / "prof" / "hyperloop-tiny-b2.txt").read_text()  # ours only: HF rows are not profiled
+    assert "decode steps" in table and "2 repeats" in table and "aten::" in table
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["hyperloop-tiny-b2.txt"]
     assert [r["preset"] for r in rows] == ["hyperloop-tiny", "hf-llama-tiny", "hf-llama-tiny:static"]
     fastest_hf = max(rows[1]["decode_tok_s"], rows[2]["decode_tok_s"])
     assert rows[0]["decode_speedup_vs_hf"] == pytest.approx(rows[0]["decode_tok_s"] / fastest_hf)

@@ -192,7 +192,7 @@ def test_bench_train_rows_and_profile(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["model"] == "hyperloop-tiny" and row["tok_s"] > 0 and row["micro_batch"] == 2
     table = (tmp_path / "prof" / "hyperloop-tiny.txt").read_text()
-    assert "2 optimizer steps" in table and "aten::" in table
+    assert "optimizer steps: 2 repeats" in table and "aten::" in table
 
 
 def test_bench_hf_anchor_trains_without_a_kv_cache():

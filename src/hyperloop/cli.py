@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--profile", metavar="DIR", default=None,
-                   help="train: profile 2 more steps per preset; DIR/<preset>.txt lists the kernels by GPU time")
+                   help="profile 2 more optimizer steps (train) or 8 decode steps, uncaptured (decode) per row; "
+                        "DIR/<row>.txt lists the kernels by GPU time")
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="decode batch size(s)")
     p.add_argument("--prompt-len", type=int, default=128, metavar="L")
     p.add_argument("--new-tokens", type=int, default=128, metavar="N")

@@ -29,8 +29,10 @@ from hyperloop.config import ModelConfig, get_preset
 from hyperloop.errors import HyperloopError
 from hyperloop.infer.decoder import Decoder, synchronize
 from hyperloop.model import HyperloopLM
+from hyperloop.profiling import profile_table
 
 HF_PREFIX = "hf-llama-"
+PROFILE_STEPS = 8
 STATIC = ":static"
 
 
@@ -60,8 +62,10 @@ def _rates(batch: int, prompt_len: int, new_tokens: int, prefill_s: float, decod
 
 
 def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: int, *, num_loops: int | None = None,
-                 exit_threshold: float | None = None, compile: bool = False) -> dict:  # fmt: skip
-    """Warm-up pass, then a timed pass of prefill + greedy decode with our Decoder."""
+                 exit_threshold: float | None = None, compile: bool = False, profile: Path | None = None) -> dict:  # fmt: skip
+    """Warm-up pass, then a timed pass of prefill + greedy decode with our Decoder. With `profile`
+    (a file), then a few steps under the profiler, run without the CUDA graph (its kernels are the
+    same; the profiler sees them one by one), to compare their busy time with the graphed step's."""
     device = model.embed.weight.device
     prompts = random_prompts(model.cfg.vocab_size, batch, prompt_len).tolist()
     _reset_memory(device)
@@ -86,6 +90,13 @@ def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: in
 
     one_pass()  # warm-up: CUDA graph capture, torch.compile, cuBLAS heuristics
     prefill_s, decode_s, mean_loops = one_pass()
+    if profile is not None:
+        tokens = decoder.prefill(prompts).argmax(dim=-1)
+        graphed, decoder.cuda_graph = decoder.cuda_graph, False
+        steps = min(PROFILE_STEPS, new_tokens - 1)
+        profile_table(lambda: decoder.step(tokens), steps, device, profile,
+                      f"{profile.stem}: decode steps, graphed step {1e3 * decode_s / (new_tokens - 1):.3f} ms")  # fmt: skip
+        decoder.cuda_graph = graphed
     cache = decoder.cache
     return {
         **_rates(batch, prompt_len, new_tokens, prefill_s, decode_s),
@@ -145,8 +156,9 @@ def time_hf_llama(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int
 
 def decode_rows(presets: list[str], batches: list[int], prompt_len: int = 128, new_tokens: int = 128, *,
                 num_loops: int | None = None, exit_threshold: float | None = None, int4: bool = False,
-                compile: bool = False) -> list[dict]:  # fmt: skip
-    """One row per (preset, batch); `hf-llama-<scale>` rows give ours a `decode_speedup_vs_hf`."""
+                compile: bool = False, profile_dir: str | None = None) -> list[dict]:  # fmt: skip
+    """One row per (preset, batch); `hf-llama-<scale>` rows give ours a `decode_speedup_vs_hf`.
+    With `profile_dir`, each of our rows also writes DIR/<preset>-b<batch>[-int4].txt."""
     if new_tokens < 2 or prompt_len < 1:
         raise HyperloopError("--new-tokens must be at least 2 and --prompt-len at least 1")
     device, dtype = bench_device()
@@ -171,8 +183,9 @@ def decode_rows(presets: list[str], batches: list[int], prompt_len: int = 128, n
             row.update(
                 int4=int4, loops=num_loops or cfg.num_loops, exit_threshold=exit_threshold, compile=compile
             )
+            profile = Path(profile_dir, f"{name}-b{batch}{'-int4' * int4}.txt") if profile_dir else None
             row.update(time_decoder(model, batch, prompt_len, new_tokens, num_loops=num_loops,
-                                    exit_threshold=exit_threshold, compile=compile))  # fmt: skip
+                                    exit_threshold=exit_threshold, compile=compile, profile=profile))  # fmt: skip
             del model
         rows.append(row)
         bar.write(f"{name:<16} batch {batch:>3}: decode {row['decode_tok_s']:>10.1f} tok/s, "
@@ -202,7 +215,8 @@ def environment() -> dict:
 def bench_decode(args: argparse.Namespace) -> dict:
     """`hyperloop bench decode`: the rows, with the command and environment that produced them."""
     rows = decode_rows(args.preset, args.batch, args.prompt_len, args.new_tokens, num_loops=args.loops,
-                       exit_threshold=args.exit_threshold, int4=args.int4, compile=bool(args.compile))  # fmt: skip
+                       exit_threshold=args.exit_threshold, int4=args.int4, compile=bool(args.compile),
+                       profile_dir=args.profile)  # fmt: skip
     result = {"command": command_line(args), **environment(), "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

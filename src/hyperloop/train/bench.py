@@ -12,6 +12,7 @@ import gc
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from hyperloop.config import ModelConfig, flops_per_token
 from hyperloop.errors import HyperloopError
 from hyperloop.infer.bench import HF_PREFIX, preset_config
 from hyperloop.model import HyperloopLM
+from hyperloop.profiling import profile_table
 from hyperloop.train.distributed import compile_blocks
 from hyperloop.train.loop import environment, peak_flops
 from hyperloop.train.recipe import default_train_config, param_groups
@@ -90,7 +92,7 @@ def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_o
     elapsed = time.perf_counter() - t0
     tok_s = steps * micro_batch * seq_len / elapsed
     if profile_dir:
-        profile_steps(step, preset, profile_dir, device)
+        profile_table(step, 2, device, Path(profile_dir, f"{preset}.txt"), f"{preset}: optimizer steps")
     peak = peak_flops(device)
     row = {
         "model": preset, "tok_s": round(tok_s, 1),
@@ -99,25 +101,6 @@ def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_o
         "micro_batch": micro_batch, "seq_len": seq_len, "compile": compile_on, "warmup_s": round(warmup_s, 1),
     }  # fmt: skip
     return row
-
-
-def profile_steps(step: Callable[[], None], preset: str, out: str, device, steps: int = 2) -> None:
-    """Run `steps` more optimizer steps under torch.profiler and write the operators and kernels that
-    take the most device time (self time, so nothing is counted twice) to OUT/<preset>.txt."""
-    from pathlib import Path
-
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    Path(out).mkdir(parents=True, exist_ok=True)
-    Path(out, f"{preset}.txt").write_text(f"{preset}: {steps} optimizer steps\n"
-                                          + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
 
 
 def bench_train(args) -> dict[str, Any]:

@@ -1,0 +1,37 @@
+"""Where the device time goes: run a callable a few times under torch.profiler and write a table.
+
+Used by `hyperloop bench train --profile` (optimizer steps) and `hyperloop bench decode --profile`
+(decode steps). The header line gives, per repeat, the summed GPU kernel time and the number of
+kernels: for a CUDA-graphed decode step, comparing that busy time with the step's wall time shows
+how much is launch and inter-kernel latency rather than work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def profile_table(run: Callable[[], None], repeats: int, device: torch.device, path: Path, title: str) -> None:
+    """Call `run` `repeats` times under the profiler; write the 40 operators and kernels with the
+    most self device time (CPU time on a CPU) to `path`, so nothing is counted twice."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            run()
+        if cuda:
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / repeats
+    launches = sum(e.count for e in kernels) / repeats
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{title}: {repeats} repeats; per repeat: {busy_ms:.3f} ms of GPU kernels, "
+                    f"{launches:.0f} kernels\n" + averages.table(sort_by=sort, row_limit=40) + "\n")  # fmt: skip
