@@ -123,16 +123,19 @@ def test_graphed_early_exit_matches_eager(exits):
 
 def test_hyperloop_sites_share_compiled_graphs():
     """compile_blocks compiles a Hyperloop site (read, the span's layers, write) whole. All sites
-    share its graphs - one for the first site, whose streams are a broadcast view of the residual
-    stream, one for the others - so the count does not grow with the loops."""
+    share its graphs (one for the first site, whose streams are a broadcast view of the residual
+    stream, one for the others), so the number of graphs does not grow with the loops."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256, num_loops=5)
-    model = HyperloopLM(cfg).cuda()
-    compile_blocks(model)
-    x = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        model(x, torch.roll(x, -1, dims=1)).backward()
-    assert counters["stats"]["unique_graphs"] == 3  # the plain block, the first site, the other sites
+    def graphs(loops: int) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256, num_loops=loops)
+        model = HyperloopLM(cfg).cuda()
+        compile_blocks(model)
+        x = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, torch.roll(x, -1, dims=1)).backward()
+        return counters["stats"]["unique_graphs"]
+
+    assert graphs(2) == graphs(5)
