@@ -5,10 +5,9 @@ mask (what prefill uses) runs a general kernel over all max_len columns: about 7
 H100 at batch 1 for a 255-column cache, 18% of an S model's step. This kernel reads only the columns
 that can be visible - from the row's padding up to the current column, which it reads from the
 cache's device counter, so a captured CUDA graph stays right as the cache fills. One program per row
-and head loads up to MAX_BLOCK columns at once, keeps a running max, sum and weighted sum of values
-(the online softmax) and writes the output; a longer cache is split among several programs per row
-and head, so that the loads run side by side, and their running sums are merged in torch (two small
-kernels more).
+and head keeps a running max, sum and weighted sum of values (the online softmax) and writes the
+output; a long cache at a small batch is split among several programs per row and head, so the GPU
+is not left idle, and their running sums are merged in torch (two small kernels more).
 
 Only on CUDA with Triton (`usable`); elsewhere, and for prefill, the cache calls SDPA with its mask.
 """
@@ -24,8 +23,9 @@ try:
 except ImportError:  # CPU-only PyTorch
     triton = None
 
-MAX_BLOCK = 256  # key columns loaded at once: a short cache is read in one go, by all of a program's warps
+BLOCK = 64  # key columns per iteration
 TARGET_PROGRAMS = 256  # about two per SM on an H100: split the columns until (rows x heads) x splits reaches it
+MIN_SPLIT = 256  # columns a split must have to be worth its share of the extra merging kernels
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -34,14 +34,11 @@ def usable(q: torch.Tensor) -> bool:
     return triton is not None and q.is_cuda and q.shape[2] == 1 and head_dim & (head_dim - 1) == 0
 
 
-def launch(batch_heads: int, max_len: int) -> tuple[int, int]:
-    """(BLOCK, columns per program). A cache of up to MAX_BLOCK columns is one block, read in one
-    go; a longer one is split among programs (one block each, or more when rows x heads alone fill
-    the GPU), whose running sums are then merged."""
-    block = min(MAX_BLOCK, triton.next_power_of_2(max_len))
-    blocks = -(-max_len // block)
-    splits = max(1, min(blocks, TARGET_PROGRAMS // batch_heads))
-    return block, -(-blocks // splits) * block
+def split_length(batch_heads: int, max_len: int) -> int:
+    """Columns per program, a multiple of BLOCK: one program per row and head (no merging) unless
+    that leaves the GPU idle and the cache is long enough to split into MIN_SPLIT columns or more."""
+    splits = max(1, min(TARGET_PROGRAMS // batch_heads, max_len // MIN_SPLIT))
+    return -(-max_len // (splits * BLOCK)) * BLOCK
 
 
 if triton is not None:
@@ -92,21 +89,20 @@ if triton is not None:
         the query's column. Returns softmax(q k^T / sqrt(D)) v over columns pad[b] .. column."""
         B, H, _, D = q.shape
         max_len = k.shape[2]
-        block, split = launch(B * H, max_len)
+        split = split_length(B * H, max_len)
         splits = -(-max_len // split)
         grid = (B * H, splits)
-        warps = 8 if block * D >= 16384 else 4
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2))
         if splits == 1:
             out = torch.empty_like(q)
             wrap_triton(_decode_attention_kernel)[grid](q, k, v, pad, column, out, out, out, H, splits, D**-0.5, *strides,
-                                                        D=D, BLOCK=block, SPLIT=split, MERGE=False, num_warps=warps)  # fmt: skip
+                                                        D=D, BLOCK=BLOCK, SPLIT=split, MERGE=False)  # fmt: skip
             return out
         acc = torch.empty((B * H, splits, D), device=q.device, dtype=torch.float32)
         maxima = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
         sums = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
         wrap_triton(_decode_attention_kernel)[grid](q, k, v, pad, column, acc, maxima, sums, H, splits, D**-0.5, *strides,
-                                                    D=D, BLOCK=block, SPLIT=split, MERGE=True, num_warps=warps)  # fmt: skip
+                                                    D=D, BLOCK=BLOCK, SPLIT=split, MERGE=True)  # fmt: skip
         weight = torch.exp(maxima - maxima.max(dim=1, keepdim=True).values)  # merge the splits
         out = (acc * weight[..., None]).sum(dim=1) / (sums * weight).sum(dim=1, keepdim=True)
         return out.view(B, H, 1, D).to(q.dtype)
