@@ -4,10 +4,10 @@ A decode step's query is one token, its keys every filled column of the cache. S
 mask (what prefill uses) runs a general kernel over all max_len columns: about 7.6 us per layer on an
 H100 at batch 1 for a 255-column cache, 18% of an S model's step. This kernel reads only the columns
 that can be visible - from the row's padding up to the current column, which it reads from the
-cache's device counter, so a captured CUDA graph stays right as the cache fills. One program per row
-and head keeps a running max, sum and weighted sum of values (the online softmax) and writes the
-output; a long cache at a small batch is split among several programs per row and head, so the GPU
-is not left idle, and their running sums are merged in torch (two small kernels more).
+cache's device counter, so a captured CUDA graph stays right as the cache fills - and splits them
+among programs so that even batch 1 keeps the GPU busy. Each split keeps a running max, sum and
+weighted sum of values (the online softmax); the splits are merged in torch, which torch.compile
+fuses with what follows.
 
 Only on CUDA with Triton (`usable`); elsewhere, and for prefill, the cache calls SDPA with its mask.
 """
@@ -23,9 +23,8 @@ try:
 except ImportError:  # CPU-only PyTorch
     triton = None
 
-BLOCK = 64  # key columns per iteration
+BLOCK = 32  # key columns per iteration
 TARGET_PROGRAMS = 256  # about two per SM on an H100: split the columns until (rows x heads) x splits reaches it
-MIN_SPLIT = 256  # columns a split must have to be worth its share of the extra merging kernels
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -35,18 +34,17 @@ def usable(q: torch.Tensor) -> bool:
 
 
 def split_length(batch_heads: int, max_len: int) -> int:
-    """Columns per program, a multiple of BLOCK: one program per row and head (no merging) unless
-    that leaves the GPU idle and the cache is long enough to split into MIN_SPLIT columns or more."""
-    splits = max(1, min(TARGET_PROGRAMS // batch_heads, max_len // MIN_SPLIT))
+    """Columns per program: a multiple of BLOCK, so that about TARGET_PROGRAMS programs run."""
+    splits = max(1, min(TARGET_PROGRAMS // batch_heads, -(-max_len // BLOCK)))
     return -(-max_len // (splits * BLOCK)) * BLOCK
 
 
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, column_ptr, out_ptr, max_ptr, sum_ptr, H, splits, scale,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pad_ptr, column_ptr, acc_ptr, max_ptr, sum_ptr, H, splits, scale,
                                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kt,
-                                 D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr):  # fmt: skip
+                                 D: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         row_head, split = tl.program_id(0), tl.program_id(1)
         b, h = row_head // H, row_head % H
         first = tl.load(pad_ptr + b)  # keys left of the row's padding are hidden
@@ -74,13 +72,10 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             running_sum = running_sum * alpha + tl.sum(p, axis=0)
             running_max = new_max
-        if MERGE:  # partial sums, merged by the caller
-            part = row_head * splits + split
-            tl.store(out_ptr + part * D + d, acc)
-            tl.store(max_ptr + part, running_max)
-            tl.store(sum_ptr + part, running_sum)
-        else:  # the only split: the output itself
-            tl.store(out_ptr + row_head * D + d, (acc / running_sum).to(out_ptr.dtype.element_ty))
+        part = row_head * splits + split
+        tl.store(acc_ptr + part * D + d, acc)
+        tl.store(max_ptr + part, running_max)
+        tl.store(sum_ptr + part, running_sum)
 
     @triton_op("hyperloop::decode_attention", mutates_args={})
     def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
@@ -91,18 +86,12 @@ if triton is not None:
         max_len = k.shape[2]
         split = split_length(B * H, max_len)
         splits = -(-max_len // split)
-        grid = (B * H, splits)
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2))
-        if splits == 1:
-            out = torch.empty_like(q)
-            wrap_triton(_decode_attention_kernel)[grid](q, k, v, pad, column, out, out, out, H, splits, D**-0.5, *strides,
-                                                        D=D, BLOCK=BLOCK, SPLIT=split, MERGE=False)  # fmt: skip
-            return out
         acc = torch.empty((B * H, splits, D), device=q.device, dtype=torch.float32)
         maxima = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
         sums = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
-        wrap_triton(_decode_attention_kernel)[grid](q, k, v, pad, column, acc, maxima, sums, H, splits, D**-0.5, *strides,
-                                                    D=D, BLOCK=BLOCK, SPLIT=split, MERGE=True)  # fmt: skip
+        wrap_triton(_decode_attention_kernel)[(B * H, splits)](
+            q, k, v, pad, column, acc, maxima, sums, H, splits, D**-0.5, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2), D=D, BLOCK=BLOCK, SPLIT=split)  # fmt: skip
         weight = torch.exp(maxima - maxima.max(dim=1, keepdim=True).values)  # merge the splits
         out = (acc * weight[..., None]).sum(dim=1) / (sums * weight).sum(dim=1, keepdim=True)
         return out.view(B, H, 1, D).to(q.dtype)
