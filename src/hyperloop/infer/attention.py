@@ -52,8 +52,7 @@ if triton is not None:
         lo = split * SPLIT
         hi = tl.minimum(lo + SPLIT, end)
         d = tl.arange(0, D)
-        # (under torch.compile a Python float arrives as fp64: keep the arithmetic in fp32)
-        q = (tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale).to(tl.float32)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
         keys = k_ptr + b * stride_kb + h * stride_kh
         values = v_ptr + b * stride_kb + h * stride_kh
         # A finite floor instead of -inf keeps exp() of empty splits at 0 rather than NaN.
