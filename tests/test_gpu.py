@@ -139,27 +139,3 @@ def test_hyperloop_sites_share_compiled_graphs():
         return counters["stats"]["unique_graphs"]
 
     assert graphs(2) == graphs(5)
-
-
-@pytest.mark.parametrize(
-    "batch, heads, max_len, head_dim, column, pads",
-    [(1, 16, 255, 64, 200, [0]), (3, 4, 300, 64, 250, [0, 5, 250]), (2, 8, 2048, 128, 1999, [7, 0]), (32, 16, 64, 64, 3, [0] * 32)],
-)  # fmt: skip
-def test_decode_attention_matches_masked_sdpa(batch, heads, max_len, head_dim, column, pads):
-    """The Triton decode attention against SDPA over the cache's mask, in fp32: one split or many,
-    a row whose padding leaves only the query's own column, columns past the query never read."""
-    from hyperloop.infer.attention import decode_attention
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-               for n in (1, max_len, max_len))  # fmt: skip
-    k[:, :, column + 1 :] = v[:, :, column + 1 :] = float("nan")  # not yet written: must not be read
-    pad = torch.tensor(pads, device="cuda")
-    keys = torch.arange(max_len, device="cuda").view(1, 1, -1)
-    mask = ((keys >= pad.view(-1, 1, 1)) & (keys <= column)).unsqueeze(1)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().nan_to_num(), v.float().nan_to_num(), attn_mask=mask
-    )
-    got = decode_attention(q, k, v, pad, torch.tensor(column, device="cuda"))
-    assert got.shape == q.shape and got.dtype == q.dtype
-    assert _rel(got, want) < 1e-2

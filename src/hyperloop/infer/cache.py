@@ -12,9 +12,6 @@ tensor of its own, written with an indexed assignment: torch.compile turns that 
 write of the new column, whereas writing into a view of one (slots, ...) tensor made it copy every
 slot, for every layer, at every step.
 
-A decode step (one new token per row) on CUDA attends in one Triton kernel that reads only the
-filled columns (infer/attention.py); prefill, and every step on the CPU, use SDPA under the mask.
-
 Batches of prompts of different lengths are *left*-padded: row b's prompt occupies columns
 pad[b] .. L-1, so all rows write the same column at each step and one counter serves the batch.
 A token's RoPE position is its column minus its row's padding, and keys left of pad[b] are masked.
@@ -25,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hyperloop.infer import attention
 from hyperloop.model import HyperloopLM
 
 
@@ -103,8 +99,6 @@ class KVCache:
             v = torch.where(keep, v_all[:, :, self._columns], v)
         k_all[:, :, self._columns] = k
         v_all[:, :, self._columns] = v
-        if attention.usable(q):  # a decode step on CUDA: only the visible columns, in one kernel
-            return attention.decode_attention(q, k_all, v_all, self.pad, self.column)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask)
 
     def copy_forward(self, rows: torch.Tensor, source: list[int], targets: list[int]) -> None:
