@@ -119,23 +119,3 @@ def test_graphed_early_exit_matches_eager(exits):
     for (want_logits, want_loops), (got_logits, got_loops) in zip(want, got, strict=True):
         assert torch.equal(got_loops, want_loops)
         assert _rel(got_logits, want_logits) < 1e-2
-
-
-def test_hyperloop_sites_share_compiled_graphs():
-    """compile_blocks compiles a Hyperloop site (read, the span's layers, write) whole. All sites
-    share its graphs (one for the first site, whose streams are a broadcast view of the residual
-    stream, one for the others), so the number of graphs does not grow with the loops."""
-    from torch._dynamo.utils import counters
-
-    def graphs(loops: int) -> int:
-        torch._dynamo.reset()
-        counters.clear()
-        cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256, num_loops=loops)
-        model = HyperloopLM(cfg).cuda()
-        compile_blocks(model)
-        x = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x, torch.roll(x, -1, dims=1)).backward()
-        return counters["stats"]["unique_graphs"]
-
-    assert graphs(2) == graphs(5)

@@ -125,24 +125,6 @@ class HyperloopLM(nn.Module):
         logits = self.logits(hidden)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-1)
 
-    def run_layer(self, step: Step, x: torch.Tensor, rope, cache=None, hcs=None) -> torch.Tensor:
-        # Pass the loop only to LoRA and the slot only to a cache: a compiled Block (or span) then
-        # sees the same arguments at every position and compiles once, not once per layer execution.
-        loop = step.loop if self.cfg.lora_rank else None
-        return self.layers[step.layer](x, rope, loop, cache, step.index if cache is not None else 0, hcs)
-
-    def hc_span(self, hc: HyperConnection, y: torch.Tensor, steps: list[Step], rope, cache=None, record=None):
-        """One Hyperloop site: y <- H_res y + H_post (F(H_pre y) + e), F = the layers of `steps`.
-        One method so that training compiles a site whole (train.distributed.compile_blocks): the
-        streams are read at the start and again at the end, and in one graph their two gradients
-        are summed inside fused kernels rather than by a separate pass over n x C per site."""
-        h, coeffs = hc.read(y)
-        for step in steps:
-            h = self.run_layer(step, h, rope, cache)
-            if record is not None:  # the outer stream as if the span ended here (analyses)
-                record(step, merge_streams(hc.write(y, h, coeffs)))
-        return hc.write(y, h, coeffs)
-
     def hidden_states(self, tokens, *, num_loops=None, positions=None, cache=None, layer_outputs=None,
                       on_loop_end=None):  # fmt: skip
         """Run the plan and return the final residual stream (B, T, C), before the final norm."""
@@ -161,7 +143,10 @@ class HyperloopLM(nn.Module):
         steps = self.plan(loops)
 
         def run(step: Step, x: torch.Tensor, hcs=None) -> torch.Tensor:
-            return self.run_layer(step, x, rope, cache, hcs)
+            # Pass the loop only to LoRA and the slot only to a cache: a compiled Block then sees the
+            # same arguments at every position and compiles once, not once per layer execution.
+            loop = step.loop if cfg.lora_rank else None
+            return self.layers[step.layer](x, rope, loop, cache, step.index if cache is not None else 0, hcs)
 
         def record(step: Step, outer: torch.Tensor) -> None:
             if layer_outputs is not None:
@@ -188,8 +173,12 @@ class HyperloopLM(nn.Module):
             y = expand_streams(x, cfg.n_streams)
             for site, first in enumerate(range(0, n_middle, cfg.span)):
                 hc = self.hc[min(site, len(self.hc) - 1)]  # past the trained loops, reuse the last site
-                steps_of_span = middle[first : first + cfg.span]
-                y = self.hc_span(hc, y, steps_of_span, rope, cache, record if layer_outputs is not None else None)
+                h, coeffs = hc.read(y)
+                for step in middle[first : first + cfg.span]:
+                    h = run(step, h)
+                    if layer_outputs is not None:  # the outer stream as if the span ended here
+                        record(step, merge_streams(hc.write(y, h, coeffs)))
+                y = hc.write(y, h, coeffs)
                 done = first + cfg.span  # unrolled middle layers finished so far
                 if on_loop_end is not None and done % m == 0 and on_loop_end(done // m - 1, merge_streams(y)):
                     break

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from hyperloop.model.hyper import HyperConnection
 
 
 @dataclass
@@ -60,15 +63,16 @@ def shutdown() -> None:
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each decoder layer in place (torchtitan style): all layers share one compiled
     graph, so a looped middle block, or 38 layers, cost one compilation; the model itself stays a
-    plain module (plain state-dict names). A Hyperloop site (read, the span's layers, write) is
-    compiled whole, one graph shared by all sites: eager, its RMSNorm, projections and stream
-    combines over n x C are a dozen memory-bound kernels, and compiled apart from the layers they
-    still cost a pass to add the two gradients of the streams. mHC's sites live inside the blocks
-    and are compiled with them."""
+    plain module (plain state-dict names). Hyperloop's hyper-connection sites run between blocks,
+    so their read and write are compiled too (one graph each, shared by all sites): eager, the
+    RMSNorm, projections and stream combines over n x C are a dozen memory-bound kernels per site.
+    mHC's sites live inside the blocks and are compiled with them."""
     for block in model.layers:
         block.compile()
-    if model.cfg.hc_placement == "span":  # an instance attribute shadows the method
-        model.hc_span = torch.compile(model.hc_span)
+    if model.cfg.hc_placement == "span":
+        read, write = torch.compile(HyperConnection.read), torch.compile(HyperConnection.write)
+        for hc in model.hc:  # instance attributes shadow the methods; state dicts are unchanged
+            hc.read, hc.write = partial(read, hc), partial(write, hc)
 
 
 def wrap(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
