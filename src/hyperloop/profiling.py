@@ -1,9 +1,10 @@
 """Where the device time goes: run a callable a few times under torch.profiler and write a table.
 
 Used by `hyperloop bench train --profile` (optimizer steps) and `hyperloop bench decode --profile`
-(decode steps). The header line gives, per repeat, the summed GPU kernel time and the number of
-kernels: for a CUDA-graphed decode step, comparing that busy time with the step's wall time shows
-how much is launch and inter-kernel latency rather than work.
+(decode steps). The header line gives, per repeat, the wall time under the profiler, the summed GPU
+kernel time and the number of kernels. Their ratio says how busy the GPU was; for a decode step,
+profiled without its CUDA graph, comparing the kernel time with the graphed step's time (which the
+caller puts in the title) shows how much of a step is latency between kernels rather than work.
 """
 
 from __future__ import annotations
