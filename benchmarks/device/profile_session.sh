@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Profiles for issues 7 and 11 on one lent GPU: compiled batch-1 decode of the S and M Transformers
 # in bf16 and int4 (`hyperloop bench decode --profile`), then the training A/B of ab_train.sh.
-# Env: DECODE (presets, default "transformer-s transformer-m"), and ab_train.sh's BEFORE / AFTER /
-# BUDGET / BASE. Writes $OUT/profile.tgz.
+# Env: DECODE (presets, default "transformer-s transformer-m"), DECODE_LIMIT (seconds per decode
+# command, default 150), and ab_train.sh's BEFORE / AFTER / BUDGET / BASE (no AFTER: decode only).
+# Writes $OUT/profile.tgz.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; W=$OUT/profile; mkdir -p "$W"
