@@ -133,8 +133,8 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 def linear_shapes(presets: list[str]) -> list[tuple[int, int]]:
     """(in, out) of every distinct linear of the presets' layers: wqkv, wo, w_gate_up, w_down."""
     shapes = set()
-    for preset in presets:
-        d, f = get_preset(preset).dim, get_preset(preset).ffn_dim
+    for cfg in map(get_preset, presets):
+        d, f = cfg.dim, cfg.ffn_dim
         shapes |= {(d, 3 * d), (d, d), (d, 2 * f), (f, d)}
     return sorted(shapes)
 
