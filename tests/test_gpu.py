@@ -1,5 +1,6 @@
-"""The CUDA fast paths (torch.compile, bf16 autocast, the chunked LM-head cross-entropy) against the
-eager fp32 reference: losses and gradients within bf16 tolerance. Skipped without a GPU."""
+"""The CUDA fast paths (torch.compile, bf16 autocast, the chunked LM-head cross-entropy, the fused
+Hyperloop sites) against the eager fp32 reference: losses and gradients within bf16 tolerance.
+Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from hyperloop.config import get_preset
 from hyperloop.model import HyperloopLM
+from hyperloop.model.hyper import HyperConnection, expand_streams
 from hyperloop.train.distributed import compile_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -17,16 +19,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
+def op_by_op_sites(monkeypatch):
+    """Hyperloop sites on the plain torch ops of hyper.py instead of the fused kernels."""
+    monkeypatch.setattr(HyperConnection, "fused", lambda self, y: False)
+
+
 @pytest.mark.parametrize("arch", ["transformer", "mhc", "looped", "hyperloop"])
-def test_compiled_bf16_step_matches_eager_fp32(arch):
+def test_compiled_bf16_step_matches_eager_fp32(arch, monkeypatch):
     torch.manual_seed(0)
     cfg = get_preset(f"{arch}-xs").replace(vocab_size=4096, max_seq_len=512)
     model = HyperloopLM(cfg).cuda()
     x = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda")
     y = torch.roll(x, -1, dims=1)
 
-    loss_ref = model(x, y)  # eager fp32 (chunked CE on CUDA)
-    grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
+    with monkeypatch.context() as patch:
+        op_by_op_sites(patch)
+        loss_ref = model(x, y)  # eager fp32 (chunked CE on CUDA)
+        grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
     plain = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
     assert _rel(loss_ref.detach(), plain.detach()) < 1e-5  # the chunked CE is the plain CE
 
@@ -42,6 +51,46 @@ def test_compiled_bf16_step_matches_eager_fp32(arch):
     largest = max(r.norm() for r in grads_ref)
     worst = max(_rel(g, r) for g, r in zip(grads, grads_ref) if r.norm() >= 1e-3 * largest)
     assert worst < 5e-2, worst
+
+
+@pytest.mark.parametrize("n, dim, broadcast, dtype", [
+    (4, 256, True, torch.float32), (4, 256, False, torch.float32), (3, 48, False, torch.float32),
+    (1, 64, True, torch.float32), (4, 256, True, torch.bfloat16), (2, 128, False, torch.bfloat16),
+])  # fmt: skip
+def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, monkeypatch):
+    """Two chained Hyperloop sites on the Triton kernels against hyper.py's ops: the streams and the
+    gradients of the input, of every HC parameter and of the branch. The first site reads a
+    broadcast input (as after expand_streams) or streams that differ; the streams are stored in
+    fp32 or bf16 (hc_bf16_streams), the parameters are fp32."""
+    torch.manual_seed(0)
+    sites = [HyperConnection(dim, n, "diagonal", wraps_residual=True, loop_embedding=True).cuda() for _ in range(2)]
+    branch = torch.nn.Linear(dim, dim).cuda()
+    with torch.no_grad():  # away from the init, where the gates are near constants
+        for p in [p for s in sites for p in s.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    x0 = torch.randn(3, 100, dim, device="cuda", requires_grad=True)
+    mix = torch.linspace(0.5, 1.5, n, device="cuda")[:, None]
+    weights = torch.randn(n, dim, device="cuda")
+
+    def run():
+        y = (expand_streams(x0, n) if broadcast else x0.unsqueeze(-2) * mix).to(dtype)
+        for site in sites:
+            h, coeffs = site.read(y)
+            y = site.write(y, torch.tanh(branch(h)), coeffs)
+        loss = (y.square() * weights).sum() + y.mean(-2).pow(3).sum()  # a mean's gradient is a broadcast
+        params = [x0, *branch.parameters(), *[p for s in sites for p in s.parameters()]]
+        return y, torch.autograd.grad(loss, params)
+
+    assert sites[0].fused(x0)
+    y, grads = run()
+    with monkeypatch.context() as patch:
+        op_by_op_sites(patch)
+        y_ref, grads_ref = run()
+    # the W y projection's gradients are TF32 products; bf16 streams round where the sums differ
+    y_tol, grad_tol = (1e-5, 5e-3) if dtype == torch.float32 else (1e-2, 3e-2)
+    assert y.dtype == dtype and _rel(y, y_ref) < y_tol
+    for g, r in zip(grads, grads_ref, strict=True):
+        assert _rel(g, r) < grad_tol
 
 
 @pytest.mark.parametrize("arch", ["transformer", "mhc", "looped", "hyperloop"])

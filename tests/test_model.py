@@ -161,6 +161,41 @@ def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
     torch.testing.assert_close(written, y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["hyperloop", "mhc"])
+def test_bf16_streams_are_stored_in_bf16_and_change_little(arch, monkeypatch):
+    """hc_bf16_streams: every site writes bf16 streams; the branches still get the residual's dtype
+    (fp32 here); the logits stay close to those of fp32 streams and gradients flow."""
+    from hyperloop.model.hyper import HyperConnection
+
+    torch.manual_seed(0)
+    cfg = get_preset(f"{arch}-tiny")
+    model = HyperloopLM(cfg)
+    fast = HyperloopLM(cfg.replace(hc_bf16_streams=True))
+    fast.load_state_dict(model.state_dict())
+    seen = {"read": set(), "write": set()}
+    read, write = HyperConnection.read, HyperConnection.write
+
+    def spy_read(self, y):
+        x, coeffs = read(self, y)
+        seen["read"].add(x.dtype)
+        return x, coeffs
+
+    def spy_write(self, y, out, coeffs):
+        seen["write"].add(write(self, y, out, coeffs).dtype)
+        return write(self, y, out, coeffs)
+
+    monkeypatch.setattr(HyperConnection, "read", spy_read)
+    monkeypatch.setattr(HyperConnection, "write", spy_write)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    logits = fast(tokens)
+    assert seen["write"] == {torch.bfloat16}
+    assert seen["read"] == {torch.float32}
+    assert logits.dtype == torch.float32
+    assert ((logits - model(tokens)).norm() / logits.norm()).item() < 2e-2
+    fast(tokens, tokens).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.hc.parameters())
+
+
 @pytest.mark.parametrize("res_init", [0.1, 0.5, 0.9])
 def test_hyperloop_site_maps_s_to_s_plus_a_share_of_delta_at_init(res_init):
     """With equal streams s and the block returning s + delta, a Hyperloop site at init (input-

@@ -195,6 +195,24 @@ def test_bench_train_rows_and_profile(tmp_path):
     assert "optimizer steps: 2 repeats" in table and "aten::" in table
 
 
+def test_bench_train_set_changes_the_model(tmp_path):
+    """`--set model.KEY=VALUE` builds our presets with the change (and labels the row); train keys or
+    decode benchmarks are refused."""
+    from hyperloop.cli import main
+    from hyperloop.errors import HyperloopError
+    from hyperloop.train.bench import build
+
+    model, _, _ = build("hyperloop-tiny", ["model.hc_bf16_streams=true"])
+    assert model.cfg.hc_bf16_streams
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--preset", "hyperloop-tiny", "--micro-batch", "1", "--seq-len", "32", "--steps", "1",
+                 "--no-compile", "--set", "model.n_streams=2", "--json", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["rows"][0]["model"] == "hyperloop-tiny model.n_streams=2"
+    with pytest.raises(HyperloopError, match="model"):
+        build("hyperloop-tiny", ["train.lr=1e-3"])
+    assert main(["bench", "decode", "--preset", "hyperloop-tiny", "--set", "model.n_streams=2"]) == 2
+
+
 def test_bench_hf_anchor_trains_without_a_kv_cache():
     """The HF row must time plain training: a KV cache built in every forward (HF's default) costs
     time and makes compiled layers recompile, which would understate the anchor."""

@@ -74,6 +74,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         from hyperloop.infer.bench import bench_decode
 
+        if args.overrides:
+            raise HyperloopError("--set applies to `bench train` only")
         result = bench_decode(args)
     print(json.dumps(result, indent=2))
 
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="profile 2 more optimizer steps (train) or 8 decode steps, uncaptured (decode) per row; "
                         "DIR/<row>.txt lists the kernels by GPU time")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="train: model.* overrides for our presets, e.g. model.hc_bf16_streams=true")
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="decode batch size(s)")
     p.add_argument("--prompt-len", type=int, default=128, metavar="L")
     p.add_argument("--new-tokens", type=int, default=128, metavar="N")

@@ -74,6 +74,10 @@ class ModelConfig:
     # n streams are interchangeable: while they are copies they get equal gradients, and only the
     # small input-dependent terms (a = 0.01) can separate them. "own" breaks that symmetry at init.
     hc_pre_init: str = "mean"
+    # Store the streams in bf16 between sites (the combines still sum in fp32, branch inputs and the
+    # merged stream keep the residual's dtype). Halves the memory traffic of every site; off by default
+    # because it rounds the residual streams (results/train-throughput.md has the speed and loss A/B).
+    hc_bf16_streams: bool = False
     lora_rank: int = 0  # per-loop LoRA on the shared middle layers (LoRA-relaxed looped baseline)
     init_std: float = 0.02
 
@@ -100,6 +104,7 @@ class ModelConfig:
         need(self.sinkhorn_iters >= 1, "sinkhorn_iters must be >= 1")
         need(0.0 < self.hc_res_init < 1.0, "hc_res_init must be in (0, 1)")
         need(self.hc_pre_init in HC_PRE_INITS, f"hc_pre_init must be one of {HC_PRE_INITS}")
+        need(isinstance(self.hc_bf16_streams, bool), "hc_bf16_streams must be true or false")
         if self.hc_span is not None:
             need(isinstance(self.hc_span, int) and self.hc_span >= 1, "hc_span must be a positive integer or null")
             need(self.hc_placement == "span", "hc_span only applies to hc_placement='span'")

@@ -14,7 +14,11 @@ W_pre, W_post, W_res are stored stacked in one matrix so the three projections a
 The coefficients, and the stream combines that use them, are computed in fp32 whatever the
 activation dtype: the streams are the residual stream, and rounding them to bf16 at every site (32
 times per mHC-S forward) costs accuracy. The combines are plain multiply-adds over the n streams
-(`combine`), which autocast leaves in fp32 and torch.compile fuses into one pass.
+(`combine`), which autocast leaves in fp32 and torch.compile fuses into one pass. The streams are
+stored in the residual's dtype, or in bf16 between sites with `hc_bf16_streams` (the sums stay fp32).
+
+Training on CUDA runs a diagonal site (Hyperloop's) on the Triton kernels of fused_site.py, forward
+and backward, with the same math; this file is the reference they are tested against.
 
 Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
 H_pre = 1/n makes H_pre y the plain residual stream (so does any H_pre summing to 1: with
@@ -29,6 +33,7 @@ but trainable.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 
@@ -39,6 +44,7 @@ from torch import nn
 ALPHA_INIT = 0.01
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for fp32
 OWN_PRE_WEIGHT = 0.7  # H_pre of a site's own stream at init when it reads one stream mostly
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
@@ -139,13 +145,35 @@ class HyperConnection(nn.Module):
         return h_pre, h_post, h_res
 
     def read(self, y: torch.Tensor):
-        """Start a site: the branch input H_pre y and the coefficients to finish it with."""
-        coeffs = self.coefficients(y)
-        x = combine(coeffs[0], y.float())
-        return x.type_as(y), coeffs
+        """Start a site: the branch input H_pre y and the coefficients to finish it with. The input is
+        in the parameters' dtype, the residual stream's (bf16 streams still feed fp32 branches under
+        autocast). CUDA training of a diagonal site runs on the Triton kernels of fused_site.py;
+        everything else on `_read`."""
+        if self.fused(y):
+            from hyperloop.model import fused_site
+
+            return fused_site.read(self, y, RMS_EPS, self.weight.dtype)
+        return self._read(y, self.weight.dtype)
 
     def write(self, y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
         """Finish a site: H_res y + H_post (out + e)."""
+        if hasattr(coeffs, "stream"):  # from the fused read: fused_site.Coefficients
+            from hyperloop.model import fused_site
+
+            return fused_site.write(self, out, coeffs)
+        return self._write(y, out, coeffs)
+
+    def fused(self, y: torch.Tensor) -> bool:
+        # Not while torch.compile traces: dynamo then sees `_read`, which it compiles as a whole.
+        return (HAS_TRITON and y.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and self.h_res == "diagonal" and self.dim % 16 == 0)  # fmt: skip
+
+    def _read(self, y: torch.Tensor, dtype: torch.dtype):
+        coeffs = self.coefficients(y)
+        x = combine(coeffs[0], y.float())
+        return x.to(dtype), coeffs
+
+    def _write(self, y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
         _, h_post, h_res = coeffs
         if self.embedding is not None:
             out = out + self.embedding
@@ -169,6 +197,6 @@ def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
 
 
-def merge_streams(y: torch.Tensor) -> torch.Tensor:
-    """(..., n, C) -> (..., C): average the streams."""
-    return y.mean(dim=-2)
+def merge_streams(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(..., n, C) -> (..., C): average the streams (summed in, and returned as, `dtype` if given)."""
+    return y.mean(dim=-2, dtype=dtype)

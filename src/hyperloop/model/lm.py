@@ -153,13 +153,15 @@ class HyperloopLM(nn.Module):
                 layer_outputs.append((step, outer))
 
         x = self.embed(tokens)
+        residual = x.dtype  # of the outer residual stream; the HC streams may be stored in bf16
+        streams = torch.bfloat16 if cfg.hc_bf16_streams else residual
         if cfg.hc_placement == "sublayer":  # mHC: streams everywhere, two sites per unrolled layer
-            y = expand_streams(x, cfg.n_streams)
+            y = expand_streams(x.to(streams), cfg.n_streams)
             for step in steps:
                 y = run(step, y, (self.hc[2 * step.index], self.hc[2 * step.index + 1]))
                 if layer_outputs is not None:
-                    record(step, merge_streams(y))
-            return merge_streams(y)
+                    record(step, merge_streams(y, residual))
+            return merge_streams(y, residual)
 
         if on_loop_end is not None and cfg.hc_placement == "span" and cfg.middle_layers % cfg.span:
             raise HyperloopError("early exit needs HC spans that end at loop boundaries")
@@ -170,19 +172,19 @@ class HyperloopLM(nn.Module):
             x = run(step, x)
             record(step, x)
         if cfg.hc_placement == "span":  # Hyperloop: y <- H_res y + H_post (Middle(H_pre y) + e)
-            y = expand_streams(x, cfg.n_streams)
+            y = expand_streams(x.to(streams), cfg.n_streams)
             for site, first in enumerate(range(0, n_middle, cfg.span)):
                 hc = self.hc[min(site, len(self.hc) - 1)]  # past the trained loops, reuse the last site
                 h, coeffs = hc.read(y)
                 for step in middle[first : first + cfg.span]:
                     h = run(step, h)
                     if layer_outputs is not None:  # the outer stream as if the span ended here
-                        record(step, merge_streams(hc.write(y, h, coeffs)))
+                        record(step, merge_streams(hc.write(y, h, coeffs), residual))
                 y = hc.write(y, h, coeffs)
                 done = first + cfg.span  # unrolled middle layers finished so far
-                if on_loop_end is not None and done % m == 0 and on_loop_end(done // m - 1, merge_streams(y)):
+                if on_loop_end is not None and done % m == 0 and on_loop_end(done // m - 1, merge_streams(y, residual)):
                     break
-            x = merge_streams(y)
+            x = merge_streams(y, residual)
         else:
             for i, step in enumerate(middle):
                 x = run(step, x)

@@ -9,6 +9,7 @@ FLOPs per token (hyperloop.config.flops_per_token) against the device's dense bf
 from __future__ import annotations
 
 import gc
+import re
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from hyperloop.infer.bench import HF_PREFIX, preset_config
 from hyperloop.model import HyperloopLM
 from hyperloop.profiling import profile_table
 from hyperloop.train.distributed import compile_blocks
-from hyperloop.train.loop import environment, peak_flops
+from hyperloop.train.loop import environment, parse_overrides, peak_flops
 from hyperloop.train.recipe import default_train_config, param_groups
 
 
@@ -43,19 +44,25 @@ def hf_llama(cfg: ModelConfig) -> torch.nn.Module:
     return LlamaForCausalLM(hf_cfg)
 
 
-def build(preset: str) -> tuple[torch.nn.Module, ModelConfig, Callable]:
-    """(model, the config its FLOPs are counted with, loss function of (model, x, y))."""
+def build(preset: str, overrides: list[str] = ()) -> tuple[torch.nn.Module, ModelConfig, Callable]:
+    """(model, the config its FLOPs are counted with, loss function of (model, x, y)); `overrides`
+    (model.KEY=VALUE) change our presets, not HF's."""
     cfg = preset_config(preset)
     if preset.startswith(HF_PREFIX):
         # use_cache=False: otherwise HF fills a KV cache in every training forward, and its
         # compiled layers recompile on the cache state until they hit the limit and run eagerly.
         return hf_llama(cfg), cfg, lambda m, x, y: m(input_ids=x, labels=x, use_cache=False).loss
+    sets = parse_overrides(list(overrides))
+    if sets["train"]:
+        raise HyperloopError(f"bench train --set takes model.* keys only, got train keys {sorted(sets['train'])}")
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), **sets["model"]})
     return HyperloopLM(cfg), cfg, lambda m, x, y: m(x, y)
 
 
 def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_on: bool, device,
-              profile_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
-    model, cfg, loss_fn = build(preset)
+              profile_dir: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:  # fmt: skip
+    model, cfg, loss_fn = build(preset, overrides)
+    label = " ".join([preset, *overrides]) if not preset.startswith(HF_PREFIX) else preset
     model.to(device).train()
     cuda = device.type == "cuda"
     groups = param_groups(model, 0.1) if isinstance(model, HyperloopLM) else model.parameters()
@@ -92,10 +99,11 @@ def bench_one(preset: str, micro_batch: int, seq_len: int, steps: int, compile_o
     elapsed = time.perf_counter() - t0
     tok_s = steps * micro_batch * seq_len / elapsed
     if profile_dir:
-        profile_table(step, 2, device, Path(profile_dir, f"{preset}.txt"), f"{preset}: optimizer steps")
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", label)  # a file name of letters, digits, . _ -
+        profile_table(step, 2, device, Path(profile_dir, f"{name}.txt"), f"{label}: optimizer steps")
     peak = peak_flops(device)
     row = {
-        "model": preset, "tok_s": round(tok_s, 1),
+        "model": label, "tok_s": round(tok_s, 1),
         "mfu": round(tok_s * flops_per_token(cfg, seq_len) / peak, 4) if peak else None,
         "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "micro_batch": micro_batch, "seq_len": seq_len, "compile": compile_on, "warmup_s": round(warmup_s, 1),
@@ -113,7 +121,7 @@ def bench_train(args) -> dict[str, Any]:
         seq_len = args.seq_len or recipe.seq_len
         try:
             rows.append(bench_one(preset, micro_batch, seq_len, args.steps or 10, compile_on, device,
-                                  args.profile))  # fmt: skip
+                                  args.profile, args.overrides))  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             rows.append({"model": preset, "error": "out of memory", "micro_batch": micro_batch, "seq_len": seq_len})
         print(rows[-1], flush=True)

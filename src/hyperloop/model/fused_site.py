@@ -1,0 +1,318 @@
+"""A Hyperloop site (diagonal H_res) as a few Triton kernels, forward and backward (CUDA training).
+
+Why: a site works on n fp32 streams of width C per token; at 16 x 2048 tokens, n = 4, C = 1024,
+each pass over them moves 512 MB. Compiled op by op (hyper.py), a site's forward and backward make
+about twenty such passes: the RMS, an fp32 GEMM with 3n output columns and its two backward GEMMs,
+the combines, and autograd's sums of the three gradients that reach y. These kernels make about
+eleven:
+
+    forward   stats     u = W y, ss = sum(y^2)                        one read of y
+              (torch)   h_pre, h_post, h_res from u, ss               (rows, 3n) tensors
+              combine   x = sum_j h_pre_j y_j                         one read of y
+              write     y' = h_res y + h_post (out + e)               read y, write y'
+    backward  write     g_hres = g'.y, g_hpost = g'.(out + e),        read g', y
+                        g_out = sum_j h_post_j g'_j
+              reduce    g_hpre = gx.y_j                               read y
+              (torch)   the coefficients' chain rule on (rows, 3n)
+              read      gy = h_res g' + h_pre gx + W^T gu + 2 gss y,  read g', y; write gy
+                        gW += gu^T y (partial sums per row group)
+
+The write's and the read's gradients for y are summed inside the read's backward kernel instead of
+by autograd (a pass fewer each way): `read` also returns an alias of y, which `write` takes in y's
+place; the write's backward hands its incoming gradient g' to that alias untouched, and the read's
+backward applies h_res to it. The two functions are only correct as that pair (`read` then `write`
+on its alias), which is how HyperConnection uses them.
+
+Every sum and product is in fp32 whatever the stream dtype, as in hyper.py; the results match the
+op-by-op site up to summation order (tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Block shapes (rows x columns per program, warps) of the kernels with a tl.dot (best of a sweep on
+# an H100 at 16 x 2048 tokens, n = 4, C = 1024), and the precision of their products on the tensor
+# cores, with fp32 sums: the forward's W y in three TF32 products ("tf32x3": as accurate as fp32,
+# so the coefficients are the reference's to ~1e-6), its two gradients in one ("tf32", the
+# precision torch.backends.cuda.matmul.allow_tf32 gives fp32 matmuls). Plain fp32 FMAs ("ieee")
+# made the site 1.2x slower.
+STATS = dict(BR=64, BC=64, num_warps=4)
+READ_BWD = dict(BR=64, BC=64, num_warps=4)
+ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
+FORWARD_DOT, BACKWARD_DOT = "tf32x3", "tf32"
+
+
+class Coefficients(NamedTuple):
+    """What `read` hands to `write`: the gates and the alias of y that routes g' (see above)."""
+
+    h_post: torch.Tensor  # (rows, n)
+    h_res: torch.Tensor  # (rows, n)
+    stream: torch.Tensor  # alias of y, (rows, n, C)
+
+
+def _cols(dim: int, most: int = 128) -> int:
+    """Columns per block: the largest power of two dividing dim, at most `most` (at least 16: tl.dot)."""
+    return min(most, dim & -dim)
+
+
+def supported(dim: int, h_res: str) -> bool:
+    return h_res == "diagonal" and dim % 16 == 0
+
+
+@triton.jit
+def _stats_kernel(y, w, u, ss, R, s_yr, s_yn, C: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+                  PP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    rmask = rows[:, None] < R
+    cols, ps = tl.arange(0, BC), tl.arange(0, PP)
+    acc = tl.zeros((BR, PP), tl.float32)
+    sq = tl.zeros((BR,), tl.float32)
+    for j in tl.static_range(N):
+        for c0 in range(0, C, BC):
+            yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + c0 + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+            sq += tl.sum(yv * yv, axis=1)
+            wv = tl.load(w + ps[None, :] * (N * C) + j * C + c0 + cols[:, None], mask=ps[None, :] < P, other=0.0)
+            acc = tl.dot(yv, wv, acc, input_precision=DOT)
+    tl.store(u + rows[:, None] * P + ps[None, :], acc, mask=rmask & (ps[None, :] < P))
+    tl.store(ss + rows, sq, mask=rows < R)
+
+
+@triton.jit
+def _combine_kernel(y, h, x, R, s_yr, s_yn, C: tl.constexpr, N: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask = rows < R
+    acc = tl.zeros((BR, BC), tl.float32)
+    for j in tl.static_range(N):
+        hj = tl.load(h + rows * N + j, mask=rmask, other=0.0)
+        yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=rmask[:, None], other=0.0)
+        acc += hj[:, None] * yv.to(tl.float32)
+    tl.store(x + rows[:, None] * C + cols[None, :], acc.to(x.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _write_kernel(y, out, e, h_post, h_res, y_new, R, s_yr, s_yn, s_or, C: tl.constexpr, N: tl.constexpr,
+                  HAS_E: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask = rows < R
+    o = tl.load(out + rows[:, None] * s_or + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    if HAS_E:
+        o += tl.load(e + cols).to(tl.float32)[None, :]
+    for j in tl.static_range(N):
+        keep = tl.load(h_res + rows * N + j, mask=rmask, other=0.0)
+        post = tl.load(h_post + rows * N + j, mask=rmask, other=0.0)
+        yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=rmask[:, None], other=0.0)
+        new = keep[:, None] * yv.to(tl.float32) + post[:, None] * o
+        tl.store(y_new + rows[:, None] * (N * C) + j * C + cols[None, :], new.to(y_new.dtype.element_ty),
+                 mask=rmask[:, None])  # fmt: skip
+
+
+@triton.jit
+def _write_bwd_kernel(g, y, out, e, h_post, g_res, g_post, g_out, R, s_gr, s_gn, s_gc, s_yr, s_yn, s_or,
+                      C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_E: tl.constexpr,
+                      BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    rmask = rows < R
+    js = tl.arange(0, NP)
+    acc_res = tl.zeros((BR, NP), tl.float32)
+    acc_post = tl.zeros((BR, NP), tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        o = tl.load(out + rows[:, None] * s_or + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        if HAS_E:
+            o += tl.load(e + cols).to(tl.float32)[None, :]
+        go = tl.zeros((BR, BC), tl.float32)
+        for j in tl.static_range(N):
+            gv = tl.load(g + rows[:, None] * s_gr + j * s_gn + cols[None, :] * s_gc, mask=rmask[:, None], other=0.0)
+            yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=rmask[:, None], other=0.0)
+            gv, yv = gv.to(tl.float32), yv.to(tl.float32)
+            acc_res += tl.where(js[None, :] == j, tl.sum(gv * yv, axis=1)[:, None], 0.0)
+            acc_post += tl.where(js[None, :] == j, tl.sum(gv * o, axis=1)[:, None], 0.0)
+            go += tl.load(h_post + rows * N + j, mask=rmask, other=0.0)[:, None] * gv
+        tl.store(g_out + rows[:, None] * C + cols[None, :], go.to(g_out.dtype.element_ty), mask=rmask[:, None])
+    nmask = rmask[:, None] & (js[None, :] < N)
+    tl.store(g_res + rows[:, None] * N + js[None, :], acc_res, mask=nmask)
+    tl.store(g_post + rows[:, None] * N + js[None, :], acc_post, mask=nmask)
+
+
+@triton.jit
+def _read_reduce_kernel(gx, y, g_pre, R, s_xr, s_yr, s_yn, C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                        BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    rmask = rows < R
+    js = tl.arange(0, NP)
+    acc = tl.zeros((BR, NP), tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        gxv = tl.load(gx + rows[:, None] * s_xr + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=rmask[:, None], other=0.0)
+            acc += tl.where(js[None, :] == j, tl.sum(gxv * yv.to(tl.float32), axis=1)[:, None], 0.0)
+    tl.store(g_pre + rows[:, None] * N + js[None, :], acc, mask=rmask[:, None] & (js[None, :] < N))
+
+
+@triton.jit
+def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_group, s_gr, s_gn, s_gc,
+                     s_yr, s_yn, s_xr, C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
+                     HAS_G: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    chunk, group = tl.program_id(0), tl.program_id(1)  # chunk: BC columns of one stream
+    j = chunk // (C // BC)
+    cols = (chunk % (C // BC)) * BC + tl.arange(0, BC)
+    ps = tl.arange(0, PP)
+    pmask = ps < P
+    wv = tl.load(w + ps[:, None] * (N * C) + j * C + cols[None, :], mask=pmask[:, None], other=0.0)  # (PP, BC)
+    acc_w = tl.zeros((PP, BC), tl.float32)
+    start = group * rows_per_group
+    for r0 in range(start, start + rows_per_group, BR):
+        rows = r0 + tl.arange(0, BR).to(tl.int64)
+        rmask = rows < R
+        m2 = rmask[:, None]
+        yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        guv = tl.load(gu + rows[:, None] * P + ps[None, :], mask=m2 & pmask[None, :], other=0.0)
+        gxv = tl.load(gx + rows[:, None] * s_xr + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        pre = tl.load(h_pre + rows * N + j, mask=rmask, other=0.0)
+        two_gss = 2.0 * tl.load(gss + rows, mask=rmask, other=0.0)
+        acc = pre[:, None] * gxv + two_gss[:, None] * yv
+        acc = tl.dot(guv, wv, acc, input_precision=DOT)
+        if HAS_G:
+            gv = tl.load(g + rows[:, None] * s_gr + j * s_gn + cols[None, :] * s_gc, mask=m2, other=0.0)
+            acc += tl.load(h_res + rows * N + j, mask=rmask, other=0.0)[:, None] * gv.to(tl.float32)
+        tl.store(gy + rows[:, None] * (N * C) + j * C + cols[None, :], acc.to(gy.dtype.element_ty), mask=m2)
+        acc_w = tl.dot(tl.trans(guv), yv, acc_w, input_precision=DOT)
+    tl.store(gw + group * (P * N * C) + ps[:, None] * (N * C) + j * C + cols[None, :], acc_w, mask=pmask[:, None])
+
+
+def _gates(u, ss, alpha, bias, width: int, eps: float):
+    """The site's coefficients from u = W y and ss = sum(y^2) over the n x C = width stream values
+    of each row, as HyperConnection.coefficients computes them; also what their gradient needs."""
+    n = u.shape[1] // 3
+    inv_rms = torch.rsqrt(ss / width + eps)
+    logits = u * inv_rms[:, None]
+    a = alpha.float().repeat_interleave(n)  # a_pre, a_post, a_res for each of the 3n rows of W
+    s = torch.sigmoid(a * logits + bias.float())
+    return inv_rms, logits, s, a, s[:, :n].contiguous(), 2.0 * s[:, n : 2 * n], s[:, 2 * n :].contiguous()
+
+
+def _gates_backward(g_pre, g_post, g_res, s, logits, inv_rms, a, width: int):
+    """Gradients of u, ss, the bias and alpha from those of H_pre, H_post and H_res."""
+    g_z = torch.cat([g_pre, 2.0 * g_post, g_res], -1) * s * (1.0 - s)  # through the sigmoids
+    g_logits = g_z * a
+    g_u = g_logits * inv_rms[:, None]
+    # logits = u * rsqrt(ss / width + eps): d/d ss = -u / 2 * inv_rms^3 / width, with u = logits / inv_rms
+    g_ss = -0.5 * (g_logits * logits).sum(-1) * inv_rms.square() / width
+    return g_u, g_ss, g_z.sum(0), (g_z * logits).unflatten(-1, (3, -1)).sum((0, 2))
+
+
+@functools.cache
+def _compiled(fn):
+    """fn compiled (built on first use): a site's coefficients are a dozen tiny element-wise kernels."""
+    return torch.compile(fn)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n, C) -> (rows, n, C) without a copy where the strides allow (a broadcast y does)."""
+    t = t.flatten(0, -3)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _np(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+class _Read(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, alpha, eps, dtype):
+        R, n, C = y.shape
+        P, BC = 3 * n, _cols(C)
+        w = weight.float().contiguous()
+        u = y.new_empty((R, P), dtype=torch.float32)
+        ss = y.new_empty((R,), dtype=torch.float32)
+        _stats_kernel[(triton.cdiv(R, STATS["BR"]),)](
+            y, w, u, ss, R, y.stride(0), y.stride(1), C=C, N=n, P=P, PP=max(16, _np(P)), BR=STATS["BR"],
+            BC=_cols(C, STATS["BC"]), DOT=FORWARD_DOT, num_warps=STATS["num_warps"],
+        )  # fmt: skip
+        inv_rms, logits, s, a, h_pre, h_post, h_res = _compiled(_gates)(u, ss, alpha, bias, n * C, eps)
+        x = y.new_empty((R, C), dtype=dtype)
+        _combine_kernel[(triton.cdiv(R, 32), C // BC)](y, h_pre, x, R, y.stride(0), y.stride(1), C=C, N=n,
+                                                       BR=32, BC=BC)  # fmt: skip
+        ctx.save_for_backward(y, w, logits, inv_rms, s, a, h_pre, h_res)
+        ctx.dtypes = weight.dtype, bias.dtype, alpha.dtype
+        return x, h_post, h_res, y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gx, g_post, g_res, g_stream):
+        y, w, logits, inv_rms, s, a, h_pre, h_res = ctx.saved_tensors
+        R, n, C = y.shape
+        P, BC = 3 * n, _cols(C)
+        g_pre = y.new_empty((R, n), dtype=torch.float32)
+        gx = torch.zeros_like(y[:, 0]) if gx is None else gx
+        gx = gx if gx.stride(-1) == 1 else gx.contiguous()
+        _read_reduce_kernel[(triton.cdiv(R, 32),)](gx, y, g_pre, R, gx.stride(0), y.stride(0), y.stride(1), C=C,
+                                                   N=n, NP=_np(n), BR=32, BC=BC)  # fmt: skip
+        zeros = torch.zeros_like(g_pre)
+        g_post, g_res = (zeros if g is None else g for g in (g_post, g_res))
+        g_u, g_ss, g_bias, g_alpha = _compiled(_gates_backward)(g_pre, g_post, g_res, s, logits, inv_rms, a, n * C)
+        gy = torch.empty((R, n, C), dtype=y.dtype, device=y.device)
+        BR, BC = READ_BWD["BR"], _cols(C, READ_BWD["BC"])
+        rows_per_group = triton.cdiv(triton.cdiv(R, ROW_GROUPS), BR) * BR
+        groups = triton.cdiv(R, rows_per_group)
+        gw = y.new_empty((groups, P, n * C), dtype=torch.float32)
+        has_g = g_stream is not None
+        g = g_stream if has_g else gy  # any tensor: not read when HAS_G is off
+        _read_bwd_kernel[(n * C // BC, groups)](
+            g, y, gx, h_pre, h_res, g_u, g_ss, w, gy, gw, R, rows_per_group, g.stride(0), g.stride(1), g.stride(2),
+            y.stride(0), y.stride(1), gx.stride(0), C=C, N=n, P=P, PP=max(16, _np(P)), HAS_G=has_g, BR=BR, BC=BC,
+            DOT=BACKWARD_DOT, num_warps=READ_BWD["num_warps"],
+        )  # fmt: skip
+        w_dtype, b_dtype, a_dtype = ctx.dtypes
+        return gy, gw.sum(0).to(w_dtype), g_bias.to(b_dtype), g_alpha.to(a_dtype), None, None
+
+
+class _Write(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stream, out, h_post, h_res, embedding):
+        R, n, C = stream.shape
+        BC = _cols(C)
+        out = out if out.stride(-1) == 1 else out.contiguous()
+        h_post = h_post.contiguous()
+        e = embedding if embedding is not None else out  # any tensor: not read when HAS_E is off
+        y_new = torch.empty((R, n, C), dtype=stream.dtype, device=stream.device)
+        _write_kernel[(triton.cdiv(R, 32), C // BC)](stream, out, e, h_post, h_res, y_new, R, stream.stride(0),
+                                                     stream.stride(1), out.stride(0), C=C, N=n,
+                                                     HAS_E=embedding is not None, BR=32, BC=BC)  # fmt: skip
+        ctx.save_for_backward(stream, out, h_post, embedding)
+        return y_new
+
+    @staticmethod
+    def backward(ctx, g):
+        stream, out, h_post, embedding = ctx.saved_tensors
+        R, n, C = stream.shape
+        g_res = g.new_empty((R, n), dtype=torch.float32)
+        g_post = torch.empty_like(g_res)
+        g_out = torch.empty((R, C), dtype=out.dtype, device=out.device)
+        e = embedding if embedding is not None else out
+        _write_bwd_kernel[(triton.cdiv(R, 16),)](g, stream, out, e, h_post, g_res, g_post, g_out, R, g.stride(0),
+                                                 g.stride(1), g.stride(2), stream.stride(0), stream.stride(1),
+                                                 out.stride(0), C=C, N=n, NP=_np(n), HAS_E=embedding is not None,
+                                                 BR=16, BC=_cols(C))  # fmt: skip
+        g_e = None if embedding is None else g_out.float().sum(0).to(embedding.dtype)
+        return g, g_out, g_post, g_res, g_e  # g untouched: _Read.backward applies h_res (module docstring)
+
+
+def read(hc, y: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, Coefficients]:
+    """HyperConnection.read on the kernels: the branch input (..., C) in `dtype` and the coefficients."""
+    x, h_post, h_res, stream = _Read.apply(_rows(y), hc.weight, hc.bias, hc.alpha, eps, dtype)
+    return x.unflatten(0, y.shape[:-2]), Coefficients(h_post, h_res, stream)
+
+
+def write(hc, out: torch.Tensor, coeffs: Coefficients) -> torch.Tensor:
+    """HyperConnection.write on the kernels: the new streams (..., n, C)."""
+    y_new = _Write.apply(coeffs.stream, out.flatten(0, -2), coeffs.h_post, coeffs.h_res, hc.embedding)
+    return y_new.unflatten(0, out.shape[:-1])
