@@ -86,8 +86,9 @@ def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, monkeypatch):
     with monkeypatch.context() as patch:
         op_by_op_sites(patch)
         y_ref, grads_ref = run()
-    # the W y projection's gradients are TF32 products; bf16 streams round where the sums differ
-    y_tol, grad_tol = (1e-5, 5e-3) if dtype == torch.float32 else (1e-2, 3e-2)
+    # W y and its gradients are TF32 products (~5e-4 relative; the perturbed alphas here, ~0.3 against
+    # 0.01 at init, pass that on to the gates); bf16 streams round where the sums differ
+    y_tol, grad_tol = (2e-3, 5e-3) if dtype == torch.float32 else (1e-2, 3e-2)
     assert y.dtype == dtype and _rel(y, y_ref) < y_tol
     for g, r in zip(grads, grads_ref, strict=True):
         assert _rel(g, r) < grad_tol

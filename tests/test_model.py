@@ -161,6 +161,22 @@ def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
     torch.testing.assert_close(written, y, rtol=0, atol=0)
 
 
+def test_merge_streams_is_the_mean_with_the_mean_gradient():
+    """merge_streams' own backward (a broadcast view of g / n) gives the mean's gradient, in the
+    streams' dtype when they are merged in another one."""
+    from hyperloop.model.hyper import merge_streams
+
+    y = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(merge_streams, (y,))
+    y16 = y.detach().to(torch.bfloat16).requires_grad_()
+    merged = merge_streams(y16, torch.float32)
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, y16.float().mean(-2))
+    merged.square().sum().backward()
+    assert y16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.grad.float(), (2 * merged / 4).unsqueeze(-2).expand(2, 3, 4, 8), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("arch", ["hyperloop", "mhc"])
 def test_bf16_streams_are_stored_in_bf16_and_change_little(arch, monkeypatch):
     """hc_bf16_streams: every site writes bf16 streams; the branches still get the residual's dtype

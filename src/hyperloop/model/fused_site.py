@@ -23,8 +23,9 @@ place; the write's backward hands its incoming gradient g' to that alias untouch
 backward applies h_res to it. The two functions are only correct as that pair (`read` then `write`
 on its alias), which is how HyperConnection uses them.
 
-Every sum and product is in fp32 whatever the stream dtype, as in hyper.py; the results match the
-op-by-op site up to summation order (tests/test_gpu.py).
+Every sum is in fp32 whatever the stream dtype, as in hyper.py, and so is every product but those of
+the W y projection and its gradients (TF32, see DOT); the results match the op-by-op site to that
+precision (tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ import triton
 import triton.language as tl
 
 # Block shapes (rows x columns per program, warps) of the kernels with a tl.dot (best of a sweep on
-# an H100 at 16 x 2048 tokens, n = 4, C = 1024), and the precision of their products on the tensor
-# cores, with fp32 sums: the forward's W y in three TF32 products ("tf32x3": as accurate as fp32,
-# so the coefficients are the reference's to ~1e-6), its two gradients in one ("tf32", the
-# precision torch.backends.cuda.matmul.allow_tf32 gives fp32 matmuls). Plain fp32 FMAs ("ieee")
-# made the site 1.2x slower.
+# an H100 at 16 x 2048 tokens, n = 4, C = 1024), and the precision of their products: TF32 on the
+# tensor cores with fp32 sums, what torch.backends.cuda.matmul.allow_tf32 gives fp32 matmuls. It
+# rounds W y (and its two gradients) to ~5e-4 relative, far below the bf16 rounding of every
+# activation in autocast training. fp32-accurate products cost more than the memory traffic here:
+# plain FMAs ("ieee") made the site 1.2x slower, three TF32 products ("tf32x3") the forward's stats
+# kernel 1.7x (fp32 streams) to 2.5x (bf16 streams) slower.
 STATS = dict(BR=64, BC=64, num_warps=4)
 READ_BWD = dict(BR=64, BC=64, num_warps=4)
 ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
-FORWARD_DOT, BACKWARD_DOT = "tf32x3", "tf32"
+DOT = "tf32"
 
 
 class Coefficients(NamedTuple):
@@ -236,7 +238,7 @@ class _Read(torch.autograd.Function):
         ss = y.new_empty((R,), dtype=torch.float32)
         _stats_kernel[(triton.cdiv(R, STATS["BR"]),)](
             y, w, u, ss, R, y.stride(0), y.stride(1), C=C, N=n, P=P, PP=max(16, _np(P)), BR=STATS["BR"],
-            BC=_cols(C, STATS["BC"]), DOT=FORWARD_DOT, num_warps=STATS["num_warps"],
+            BC=_cols(C, STATS["BC"]), DOT=DOT, num_warps=STATS["num_warps"],
         )  # fmt: skip
         inv_rms, logits, s, a, h_pre, h_post, h_res = _compiled(_gates)(u, ss, alpha, bias, n * C, eps)
         x = y.new_empty((R, C), dtype=dtype)
@@ -269,7 +271,7 @@ class _Read(torch.autograd.Function):
         _read_bwd_kernel[(n * C // BC, groups)](
             g, y, gx, h_pre, h_res, g_u, g_ss, w, gy, gw, R, rows_per_group, g.stride(0), g.stride(1), g.stride(2),
             y.stride(0), y.stride(1), gx.stride(0), C=C, N=n, P=P, PP=max(16, _np(P)), HAS_G=has_g, BR=BR, BC=BC,
-            DOT=BACKWARD_DOT, num_warps=READ_BWD["num_warps"],
+            DOT=DOT, num_warps=READ_BWD["num_warps"],
         )  # fmt: skip
         w_dtype, b_dtype, a_dtype = ctx.dtypes
         return gy, gw.sum(0).to(w_dtype), g_bias.to(b_dtype), g_alpha.to(a_dtype), None, None

@@ -199,4 +199,18 @@ def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def merge_streams(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(..., n, C) -> (..., C): average the streams (summed in, and returned as, `dtype` if given)."""
-    return y.mean(dim=-2, dtype=dtype)
+    return _MeanOfStreams.apply(y, dtype)
+
+
+class _MeanOfStreams(torch.autograd.Function):
+    """y.mean(-2) whose gradient is a broadcast view of g / n, not n written copies (autograd's mean
+    backward writes them all: a pass over the streams that the last site then reads back)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        ctx.shape, ctx.dtype = y.shape, y.dtype
+        return y.mean(dim=-2, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return (g / ctx.shape[-2]).to(ctx.dtype).unsqueeze(-2).expand(ctx.shape), None
