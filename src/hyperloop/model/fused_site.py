@@ -42,8 +42,8 @@ import triton.language as tl
 # tensor cores with fp32 sums, what torch.backends.cuda.matmul.allow_tf32 gives fp32 matmuls. It
 # rounds W y (and its two gradients) to ~5e-4 relative, far below the bf16 rounding of every
 # activation in autocast training. fp32-accurate products cost more than the memory traffic here:
-# plain FMAs ("ieee") made the site 1.2x slower, three TF32 products ("tf32x3") the forward's stats
-# kernel 1.7x (fp32 streams) to 2.5x (bf16 streams) slower.
+# the stats kernel takes 1.4-1.6x as long with three TF32 products ("tf32x3") and 3.7-3.8x with fp32
+# FMAs ("ieee") (benchmarks/fused_site.py, results/train-throughput.md).
 STATS = dict(BR=64, BC=64, num_warps=4)
 READ_BWD = dict(BR=64, BC=64, num_warps=4)
 ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
@@ -61,10 +61,6 @@ class Coefficients(NamedTuple):
 def _cols(dim: int, most: int = 128) -> int:
     """Columns per block: the largest power of two dividing dim, at most `most` (at least 16: tl.dot)."""
     return min(most, dim & -dim)
-
-
-def supported(dim: int, h_res: str) -> bool:
-    return h_res == "diagonal" and dim % 16 == 0
 
 
 @triton.jit
@@ -252,12 +248,12 @@ class _Read(torch.autograd.Function):
     def backward(ctx, gx, g_post, g_res, g_stream):
         y, w, logits, inv_rms, s, a, h_pre, h_res = ctx.saved_tensors
         R, n, C = y.shape
-        P, BC = 3 * n, _cols(C)
+        P = 3 * n
         g_pre = y.new_empty((R, n), dtype=torch.float32)
         gx = torch.zeros_like(y[:, 0]) if gx is None else gx
         gx = gx if gx.stride(-1) == 1 else gx.contiguous()
         _read_reduce_kernel[(triton.cdiv(R, 32),)](gx, y, g_pre, R, gx.stride(0), y.stride(0), y.stride(1), C=C,
-                                                   N=n, NP=_np(n), BR=32, BC=BC)  # fmt: skip
+                                                   N=n, NP=_np(n), BR=32, BC=_cols(C))  # fmt: skip
         zeros = torch.zeros_like(g_pre)
         g_post, g_res = (zeros if g is None else g for g in (g_post, g_res))
         g_u, g_ss, g_bias, g_alpha = _compiled(_gates_backward)(g_pre, g_post, g_res, s, logits, inv_rms, a, n * C)
