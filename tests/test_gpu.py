@@ -100,6 +100,40 @@ def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, dot, monkeypatch):
         assert _rel(g, r) < grad_tol
 
 
+def test_fused_sites_under_fsdp2_match_the_plain_model(monkeypatch):
+    """FSDP2 around a Hyperloop model (one rank: the sharding hooks and DTensor parameters without a
+    second GPU): the fused sites give the unwrapped model's loss and gradients."""
+    import os
+
+    import torch.distributed as dist
+
+    from hyperloop.train.distributed import DistInfo, wrap
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29400 + os.getpid() % 500))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        torch.manual_seed(0)
+        cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256)
+        plain = HyperloopLM(cfg).cuda()
+        sharded = HyperloopLM(cfg).cuda()
+        sharded.load_state_dict(plain.state_dict())
+        wrap(sharded, DistInfo(rank=0, world_size=2), "fsdp")  # world_size > 1 turns wrapping on; the group has 1 rank
+        x = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+        y = torch.roll(x, -1, dims=1)
+        losses = []
+        for model in (plain, sharded):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                losses.append(model(x, y))
+            losses[-1].backward()
+        assert _rel(losses[1].detach(), losses[0].detach()) < 1e-4
+        for (name, p), q in zip(plain.named_parameters(), sharded.parameters(), strict=True):
+            g = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+            assert _rel(g, p.grad) < 1e-3, name
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("arch", ["transformer", "mhc", "looped", "hyperloop"])
 def test_validation_after_compiled_training_matches_eager(arch):
     """Validation during training (`eager_no_grad`, after compiled training steps) gives the eager
