@@ -83,7 +83,7 @@ def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, dot, monkeypatch):
         for site in sites:
             h, coeffs = site.read(y)
             y = site.write(y, torch.tanh(branch(h)), coeffs)
-        loss = (y.square() * weights).sum() + y.mean(-2).pow(3).sum()  # a mean's gradient is a broadcast
+        loss = (y.square() * weights).sum() + y.mean(-2).pow(3).sum()  # g' differs across streams and rows
         params = [x0, *branch.parameters(), *[p for s in sites for p in s.parameters()]]
         return y, torch.autograd.grad(loss, params)
 

@@ -3,7 +3,7 @@
 # trained for TOKENS tokens with fp32 streams (seeds 0 and 1: the seed-to-seed spread) and with bf16
 # streams (seed 0), same data order. Carry .carry/p1 (enwiki train shards 0-2 + validation, parquet);
 # the first call prepares them into runs/enwiki3 (kept on a warm machine).
-# Env: TOKENS (default 40M), RUNS (default "fp32-s0:false:0 bf16-s0:true:0 fp32-s1:false:1").
+# Env: TOKENS (default 41943040: 320 steps of the xs batch), RUNS (default "fp32-s0:false:0 bf16-s0:true:0 fp32-s1:false:1").
 # Writes $OUT/<run>.jsonl (the metrics) and $OUT/<run>.log (the last lines).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
