@@ -197,8 +197,9 @@ def test_bf16_streams_are_stored_in_bf16_and_change_little(arch, monkeypatch):
         return x, coeffs
 
     def spy_write(self, y, out, coeffs):
-        seen["write"].add(write(self, y, out, coeffs).dtype)
-        return write(self, y, out, coeffs)
+        new = write(self, y, out, coeffs)
+        seen["write"].add(new.dtype)
+        return new
 
     monkeypatch.setattr(HyperConnection, "read", spy_read)
     monkeypatch.setattr(HyperConnection, "write", spy_write)

@@ -224,18 +224,27 @@ def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+def stats(y: torch.Tensor, w: torch.Tensor, dot: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = W y (rows, 3n) and ss = sum(y^2) (rows,) of streams y (rows, n, C), fp32 W (3n, n C), in
+    one read of y; `dot` overrides the products' precision (DOT)."""
+    R, n, C = y.shape
+    P = 3 * n
+    u = y.new_empty((R, P), dtype=torch.float32)
+    ss = y.new_empty((R,), dtype=torch.float32)
+    _stats_kernel[(triton.cdiv(R, STATS["BR"]),)](
+        y, w, u, ss, R, y.stride(0), y.stride(1), C=C, N=n, P=P, PP=max(16, _np(P)), BR=STATS["BR"],
+        BC=_cols(C, STATS["BC"]), DOT=dot or DOT, num_warps=STATS["num_warps"],
+    )  # fmt: skip
+    return u, ss
+
+
 class _Read(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, alpha, eps, dtype):
         R, n, C = y.shape
-        P, BC = 3 * n, _cols(C)
+        BC = _cols(C)
         w = weight.float().contiguous()
-        u = y.new_empty((R, P), dtype=torch.float32)
-        ss = y.new_empty((R,), dtype=torch.float32)
-        _stats_kernel[(triton.cdiv(R, STATS["BR"]),)](
-            y, w, u, ss, R, y.stride(0), y.stride(1), C=C, N=n, P=P, PP=max(16, _np(P)), BR=STATS["BR"],
-            BC=_cols(C, STATS["BC"]), DOT=DOT, num_warps=STATS["num_warps"],
-        )  # fmt: skip
+        u, ss = stats(y, w)
         inv_rms, logits, s, a, h_pre, h_post, h_res = _compiled(_gates)(u, ss, alpha, bias, n * C, eps)
         x = y.new_empty((R, C), dtype=dtype)
         _combine_kernel[(triton.cdiv(R, 32), C // BC)](y, h_pre, x, R, y.stride(0), y.stride(1), C=C, N=n,
@@ -254,8 +263,7 @@ class _Read(torch.autograd.Function):
         gx = gx if gx.stride(-1) == 1 else gx.contiguous()
         _read_reduce_kernel[(triton.cdiv(R, 32),)](gx, y, g_pre, R, gx.stride(0), y.stride(0), y.stride(1), C=C,
                                                    N=n, NP=_np(n), BR=32, BC=_cols(C))  # fmt: skip
-        zeros = torch.zeros_like(g_pre)
-        g_post, g_res = (zeros if g is None else g for g in (g_post, g_res))
+        g_post, g_res = (torch.zeros_like(g_pre) if g is None else g for g in (g_post, g_res))
         g_u, g_ss, g_bias, g_alpha = _compiled(_gates_backward)(g_pre, g_post, g_res, s, logits, inv_rms, a, n * C)
         gy = torch.empty((R, n, C), dtype=y.dtype, device=y.device)
         BR, BC = READ_BWD["BR"], _cols(C, READ_BWD["BC"])
