@@ -2,8 +2,8 @@
 
 For fp32 and bf16 streams: the stats kernel (RMS and the 3n projections in one read of the
 streams) with each tl.dot precision (TF32, three TF32 products, fp32 FMAs), then one whole site,
-forward and backward, on the kernels and on the op-by-op reference (hyper.py, compiled as training
-compiles it). Prints a markdown table; --json FILE also writes the rows.
+forward and backward (a middle site, and one that is first and last), on the kernels and on the
+op-by-op reference (hyper.py, compiled as training compiles it). Prints a markdown table; --json FILE also writes the rows.
 
     python benchmarks/fused_site.py                       # S shape: 16 x 2048 tokens, n = 4, C = 1024
 """
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hyperloop.model.hyper import HyperConnection, expand_streams, merge_streams  # noqa: E402
+from hyperloop.model.hyper import HyperConnection, expand_streams  # noqa: E402
 from hyperloop.train.loop import environment  # noqa: E402
 
 
@@ -45,27 +45,32 @@ def stats_rows(rows: int, n: int, dim: int, dtype: torch.dtype) -> list[dict]:
 
 
 def site_rows(batch: int, seq: int, n: int, dim: int, dtype: torch.dtype) -> list[dict]:
-    """One site, forward and backward, with a cheap branch; fused kernels against the compiled ops."""
+    """One site, forward and backward, with a cheap branch; fused kernels against the compiled ops.
+    Two kinds of site: a middle one (n different streams in, n out) and one that is both first and
+    last (the n copies of expand_streams in, the streams' mean out, as the model's ends are)."""
     torch.manual_seed(0)
     site = HyperConnection(dim, n, "diagonal", wraps_residual=True, loop_embedding=True).cuda()
     x0 = torch.randn(batch, seq, dim, device="cuda", requires_grad=True)
+    mix = torch.linspace(0.5, 1.5, n, device="cuda")[:, None]
     scale = torch.ones(dim, device="cuda", requires_grad=True)
     read, write = torch.compile(HyperConnection._read), torch.compile(HyperConnection._write)
     site._read, site._write = partial(read, site), partial(write, site)  # as train.distributed.compile_blocks
 
-    def step(fused: bool) -> None:
-        y = expand_streams(x0.to(dtype), n)
+    def step(fused: bool, ends: bool) -> None:
+        y = expand_streams(x0.to(dtype), n) if ends else (x0.unsqueeze(-2) * mix).to(dtype)
         site.fused = lambda y: fused
         h, coeffs = site.read(y)
-        y = site.write(y, h * scale, coeffs)
-        merge_streams(y, torch.float32).square().mean().backward()
+        y = site.write(y, h * scale, coeffs, merge=torch.float32 if ends else None)
+        y.square().mean().backward()
 
     out = []
-    for fused in (False, True):
-        step(fused)  # compile / autotune outside the timing
-        ms = bench_ms(partial(step, fused), reps=50)
-        out.append({"what": "site fwd+bwd", "streams": str(dtype).removeprefix("torch."),
-                    "precision": "fused kernels" if fused else "compiled ops (reference)", "us": round(ms * 1e3, 1)})  # fmt: skip
+    for ends in (False, True):
+        for fused in (False, True):
+            step(fused, ends)  # compile / autotune outside the timing
+            ms = bench_ms(partial(step, fused, ends), reps=50)
+            out.append({"what": "first+last site fwd+bwd" if ends else "middle site fwd+bwd",
+                        "streams": str(dtype).removeprefix("torch."),
+                        "precision": "fused kernels" if fused else "compiled ops (reference)", "us": round(ms * 1e3, 1)})  # fmt: skip
     return out
 
 

@@ -26,6 +26,7 @@ from hyperloop.data.loader import EvalWindows, TokenData
 from hyperloop.data.prepare import prepare
 from hyperloop.errors import HyperloopError
 from hyperloop.model import HyperloopLM
+from hyperloop.model.hyper import write_result
 
 WORDS = [f"w{i}" for i in range(40)]
 VOCAB = 2 + len(WORDS)  # <s>, <unk>, the words
@@ -260,10 +261,10 @@ def _reference_site_stats(model: HyperloopLM, windows) -> list[dict]:
     originals = [hc.write for hc in model.hc]
 
     def spy(index, write):
-        def run(y, out, coeffs):
+        def run(y, out, coeffs, merge=None, next_site=None):
             new = write(y, out, coeffs)
             records.setdefault(index, []).append((new.double(), [c for c in coeffs]))
-            return new
+            return write_result(new, merge, next_site)
 
         return run
 

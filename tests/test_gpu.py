@@ -24,6 +24,24 @@ def op_by_op_sites(monkeypatch):
     monkeypatch.setattr(HyperConnection, "fused", lambda self, y: False)
 
 
+def test_chunked_cross_entropy_under_bf16_autocast_matches_fp32():
+    """The CUDA loss path under bf16 autocast (bf16 products, the head's gradient summed over the
+    chunks in fp32 by cuBLAS) against fp32 F.cross_entropy: loss and both gradients."""
+    from hyperloop.model.loss import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 700, 256, device="cuda", requires_grad=True)
+    weight = (0.05 * torch.randn(1000, 256, device="cuda")).requires_grad_()
+    targets = torch.randint(0, 1000, (3, 700), device="cuda")
+    targets[0, :50] = -1
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=-1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = chunked_cross_entropy(hidden, weight, targets, chunk_rows=256)
+    assert ours.dtype == torch.float32 and _rel(ours.detach(), ref.detach()) < 1e-3
+    for a, b in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        assert a.dtype == torch.float32 and _rel(a, b) < 1e-2
+
+
 @pytest.mark.parametrize("arch", ["transformer", "mhc", "looped", "hyperloop"])
 def test_compiled_bf16_step_matches_eager_fp32(arch, monkeypatch):
     torch.manual_seed(0)
@@ -53,18 +71,20 @@ def test_compiled_bf16_step_matches_eager_fp32(arch, monkeypatch):
     assert worst < 5e-2, worst
 
 
-@pytest.mark.parametrize("n, dim, broadcast, dtype, dot", [
-    (4, 256, True, torch.float32, "ieee"), (4, 256, False, torch.float32, "ieee"),
-    (3, 48, False, torch.float32, "ieee"), (1, 64, True, torch.float32, "ieee"),
-    (4, 256, False, torch.float32, "tf32"), (4, 256, True, torch.bfloat16, "tf32"),
-    (2, 128, False, torch.bfloat16, "tf32"),
+@pytest.mark.parametrize("n, dim, broadcast, merge, dtype, dot", [
+    (4, 256, True, True, torch.float32, "ieee"), (4, 256, False, False, torch.float32, "ieee"),
+    (3, 48, True, False, torch.float32, "ieee"), (3, 48, False, True, torch.float32, "ieee"),
+    (1, 64, True, True, torch.float32, "ieee"), (4, 256, False, True, torch.float32, "tf32"),
+    (4, 256, True, False, torch.bfloat16, "tf32"), (2, 128, False, True, torch.bfloat16, "tf32"),
 ])  # fmt: skip
-def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, dot, monkeypatch):
-    """Two chained Hyperloop sites on the Triton kernels against hyper.py's ops: the streams and the
-    gradients of the input, of every HC parameter and of the branch. The first site reads a
-    broadcast input (as after expand_streams) or streams that differ; the streams are stored in
-    fp32 or bf16 (hc_bf16_streams), the parameters are fp32. With fp32 products in the kernels'
-    tl.dot ("ieee") the fp32 results agree to rounding; with the TF32 default, to its precision."""
+def test_fused_sites_match_op_by_op(n, dim, broadcast, merge, dtype, dot, monkeypatch):
+    """Two chained Hyperloop sites on the Triton kernels against hyper.py's ops: the streams (or,
+    with `merge`, their mean, as the model's last site returns) and the gradients of the input, of
+    every HC parameter and of the branch. The first site reads a broadcast input (as after
+    expand_streams: the kernels read its one stream) or streams that differ, and its write takes the
+    second site's stats; the streams are stored in fp32 or bf16 (hc_bf16_streams), the parameters
+    are fp32. With fp32 products in the kernels' tl.dot ("ieee") the fp32 results agree to rounding;
+    with the TF32 default, to its precision."""
     from hyperloop.model import fused_site
 
     monkeypatch.setattr(fused_site, "DOT", dot)
@@ -80,10 +100,12 @@ def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, dot, monkeypatch):
 
     def run():
         y = (expand_streams(x0, n) if broadcast else x0.unsqueeze(-2) * mix).to(dtype)
-        for site in sites:
-            h, coeffs = site.read(y)
-            y = site.write(y, torch.tanh(branch(h)), coeffs)
-        loss = (y.square() * weights).sum() + y.mean(-2).pow(3).sum()  # g' differs across streams and rows
+        h, coeffs = sites[0].read(y)  # as the model chains them: the first write takes the second read's stats
+        y, ahead = sites[0].write(y, torch.tanh(branch(h)), coeffs, next_site=sites[1])
+        h, coeffs = sites[1].read(y, ahead)
+        y = sites[1].write(y, torch.tanh(branch(h)), coeffs, merge=torch.float32 if merge else None)
+        # g' differs across streams and rows (across rows only for a merged output)
+        loss = (y.square() * (weights[0] if merge else weights)).sum() + (y if merge else y.mean(-2)).pow(3).sum()
         params = [x0, *branch.parameters(), *[p for s in sites for p in s.parameters()]]
         return y, torch.autograd.grad(loss, params)
 
@@ -95,7 +117,7 @@ def test_fused_sites_match_op_by_op(n, dim, broadcast, dtype, dot, monkeypatch):
     # TF32: W y and its gradients to ~5e-4 (the perturbed alphas here, ~0.3 against 0.01 at init, pass
     # that on to the gates); bf16 streams round where the sums differ
     y_tol, grad_tol = {"ieee": (1e-5, 1e-4), "tf32": (2e-3, 5e-3)}[dot] if dtype == torch.float32 else (1e-2, 3e-2)
-    assert y.dtype == dtype and _rel(y, y_ref) < y_tol
+    assert y.dtype == (torch.float32 if merge else dtype) and y.shape == y_ref.shape and _rel(y, y_ref) < y_tol
     for g, r in zip(grads, grads_ref, strict=True):
         assert _rel(g, r) < grad_tol
 

@@ -181,7 +181,7 @@ def test_merge_streams_is_the_mean_with_the_mean_gradient():
 def test_bf16_streams_are_stored_in_bf16_and_change_little(arch, monkeypatch):
     """hc_bf16_streams: every site writes bf16 streams; the branches still get the residual's dtype
     (fp32 here); the logits stay close to those of fp32 streams and gradients flow."""
-    from hyperloop.model.hyper import HyperConnection
+    from hyperloop.model.hyper import HyperConnection, write_result
 
     torch.manual_seed(0)
     cfg = get_preset(f"{arch}-tiny")
@@ -191,15 +191,15 @@ def test_bf16_streams_are_stored_in_bf16_and_change_little(arch, monkeypatch):
     seen = {"read": set(), "write": set()}
     read, write = HyperConnection.read, HyperConnection.write
 
-    def spy_read(self, y):
-        x, coeffs = read(self, y)
+    def spy_read(self, y, ahead=None):
+        x, coeffs = read(self, y, ahead)
         seen["read"].add(x.dtype)
         return x, coeffs
 
-    def spy_write(self, y, out, coeffs):
+    def spy_write(self, y, out, coeffs, merge=None, next_site=None):
         new = write(self, y, out, coeffs)
         seen["write"].add(new.dtype)
-        return new
+        return write_result(new, merge, next_site)
 
     monkeypatch.setattr(HyperConnection, "read", spy_read)
     monkeypatch.setattr(HyperConnection, "write", spy_write)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from hyperloop.model.hyper import HyperConnection
+from hyperloop.model.hyper import HyperConnection, write_result
 
 
 class SiteStats:
@@ -39,8 +39,8 @@ class SiteStats:
             del site.write
 
     def _recording(self, index: int, write):
-        def recorded(y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
-            new = write(y, out, coeffs)
+        def recorded(y: torch.Tensor, out: torch.Tensor, coeffs, merge=None, next_site=None):
+            new = write(y, out, coeffs)  # the streams themselves, also where `write` returns more or less
             streams = new.double()
             mean = streams.mean(-2)
             spread = (streams - mean.unsqueeze(-2)).square().mean((-2, -1)).sqrt() / mean.square().mean(-1).sqrt()
@@ -53,7 +53,7 @@ class SiteStats:
                 total = value.double().reshape(tokens, *value.shape[spread.dim():]).sum(0)
                 sums[name] = sums[name] + total if name in sums else total
             self.tokens[index] += tokens
-            return new
+            return write_result(new, merge, next_site)
 
         return recorded
 

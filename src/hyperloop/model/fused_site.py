@@ -44,10 +44,19 @@ import triton.language as tl
 # activation in autocast training. fp32-accurate products cost more than the memory traffic here:
 # the stats kernel takes 1.4-1.6x as long with three TF32 products ("tf32x3") and 3.7-3.8x with fp32
 # FMAs ("ieee") (benchmarks/fused_site.py, results/train-throughput.md).
-STATS = dict(BR=64, BC=64, num_warps=4)
+STATS = dict(BR=64, BC=64, num_warps=4, num_stages=3)
+STATS_WRITE = dict(BR=32, BC=64, num_warps=2, num_stages=3)  # with a site's write in front (write=...)
 READ_BWD = dict(BR=64, BC=64, num_warps=4)
+READ_BWD_BROADCAST = dict(BR=32, BC=64, num_warps=4)  # the first site's: n stream gradients per tile
 ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
 DOT = "tf32"
+
+
+class Ahead(NamedTuple):
+    """A site's stats of its streams, taken by the previous site's write as it wrote them."""
+
+    u: torch.Tensor  # W y, (rows, 3n)
+    ss: torch.Tensor  # sum(y^2), (rows,)
 
 
 class Coefficients(NamedTuple):
@@ -64,16 +73,29 @@ def _cols(dim: int, most: int = 128) -> int:
 
 
 @triton.jit
-def _stats_kernel(y, w, u, ss, R, s_yr, s_yn, C: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                  PP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+def _stats_kernel(y, w, u, ss, out, e, h_post, h_res, y_new, R, s_yr, s_yn, s_or, C: tl.constexpr, N: tl.constexpr,
+                  P: tl.constexpr, PP: tl.constexpr, WRITE: tl.constexpr, HAS_E: tl.constexpr, BR: tl.constexpr,
+                  BC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+    # WRITE: the streams to take the statistics of are the previous site's write, h_res y + h_post (out + e),
+    # stored in y_new on the way (one pass for a site's write and the next site's stats)
     rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
     rmask = rows[:, None] < R
     cols, ps = tl.arange(0, BC), tl.arange(0, PP)
     acc = tl.zeros((BR, PP), tl.float32)
     sq = tl.zeros((BR,), tl.float32)
-    for j in tl.static_range(N):
-        for c0 in range(0, C, BC):
+    for c0 in range(0, C, BC):
+        if WRITE:
+            o = tl.load(out + rows[:, None] * s_or + c0 + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+            if HAS_E:
+                o += tl.load(e + c0 + cols).to(tl.float32)[None, :]
+        for j in tl.static_range(N):
             yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + c0 + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
+            if WRITE:
+                keep = tl.load(h_res + rows * N + j, mask=rows < R, other=0.0)
+                post = tl.load(h_post + rows * N + j, mask=rows < R, other=0.0)
+                new = (keep[:, None] * yv + post[:, None] * o).to(y_new.dtype.element_ty)
+                tl.store(y_new + rows[:, None] * (N * C) + j * C + c0 + cols[None, :], new, mask=rmask)
+                yv = new.to(tl.float32)  # the stored values, as the next site would read them
             sq += tl.sum(yv * yv, axis=1)
             wv = tl.load(w + ps[None, :] * (N * C) + j * C + c0 + cols[:, None], mask=ps[None, :] < P, other=0.0)
             acc = tl.dot(yv, wv, acc, input_precision=DOT)
@@ -96,26 +118,34 @@ def _combine_kernel(y, h, x, R, s_yr, s_yn, C: tl.constexpr, N: tl.constexpr, BR
 
 @triton.jit
 def _write_kernel(y, out, e, h_post, h_res, y_new, R, s_yr, s_yn, s_or, C: tl.constexpr, N: tl.constexpr,
-                  HAS_E: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                  HAS_E: tl.constexpr, MERGE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # MERGE: y_new is (R, C), the mean of the new streams, which are not stored
     rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     rmask = rows < R
     o = tl.load(out + rows[:, None] * s_or + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     if HAS_E:
         o += tl.load(e + cols).to(tl.float32)[None, :]
+    total = tl.zeros((BR, BC), tl.float32)
     for j in tl.static_range(N):
         keep = tl.load(h_res + rows * N + j, mask=rmask, other=0.0)
         post = tl.load(h_post + rows * N + j, mask=rmask, other=0.0)
         yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=rmask[:, None], other=0.0)
         new = keep[:, None] * yv.to(tl.float32) + post[:, None] * o
-        tl.store(y_new + rows[:, None] * (N * C) + j * C + cols[None, :], new.to(y_new.dtype.element_ty),
-                 mask=rmask[:, None])  # fmt: skip
+        if MERGE:
+            total += new
+        else:
+            tl.store(y_new + rows[:, None] * (N * C) + j * C + cols[None, :], new.to(y_new.dtype.element_ty),
+                     mask=rmask[:, None])  # fmt: skip
+    if MERGE:
+        tl.store(y_new + rows[:, None] * C + cols[None, :], (total / N).to(y_new.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
-def _write_bwd_kernel(g, y, out, e, h_post, g_res, g_post, g_out, R, s_gr, s_gn, s_gc, s_yr, s_yn, s_or,
+def _write_bwd_kernel(g, y, out, e, h_post, g_res, g_post, g_out, g_e, R, s_gr, s_gn, s_gc, s_yr, s_yn, s_or,
                       C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_E: tl.constexpr,
                       BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    # with HAS_E, g_e gets this program's column sums of g_out (the embedding's gradient, summed after)
     rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
     rmask = rows < R
     js = tl.arange(0, NP)
@@ -135,6 +165,8 @@ def _write_bwd_kernel(g, y, out, e, h_post, g_res, g_post, g_out, R, s_gr, s_gn,
             acc_post += tl.where(js[None, :] == j, tl.sum(gv * o, axis=1)[:, None], 0.0)
             go += tl.load(h_post + rows * N + j, mask=rmask, other=0.0)[:, None] * gv
         tl.store(g_out + rows[:, None] * C + cols[None, :], go.to(g_out.dtype.element_ty), mask=rmask[:, None])
+        if HAS_E:
+            tl.store(g_e + tl.program_id(0) * C + cols, tl.sum(go, axis=0))
     nmask = rmask[:, None] & (js[None, :] < N)
     tl.store(g_res + rows[:, None] * N + js[None, :], acc_res, mask=nmask)
     tl.store(g_post + rows[:, None] * N + js[None, :], acc_post, mask=nmask)
@@ -157,9 +189,12 @@ def _read_reduce_kernel(gx, y, g_pre, R, s_xr, s_yr, s_yn, C: tl.constexpr, N: t
 
 
 @triton.jit
-def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_group, s_gr, s_gn, s_gc,
-                     s_yr, s_yn, s_xr, C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, PP: tl.constexpr,
-                     HAS_G: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_group, scale, s_gr, s_gn, s_gc,
+                     s_yr, s_yn, s_xr, C: tl.constexpr, N: tl.constexpr, NG: tl.constexpr, NH: tl.constexpr,
+                     P: tl.constexpr, PP: tl.constexpr, HAS_G: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                     DOT: tl.constexpr):  # fmt: skip
+    # N streams in y (1 for a broadcast input); each gathers h_res g' over NG of the NH = n streams of g
+    # (1, its own; n for a broadcast input, whose one stream stands for all n)
     chunk, group = tl.program_id(0), tl.program_id(1)  # chunk: BC columns of one stream
     j = chunk // (C // BC)
     cols = (chunk % (C // BC)) * BC + tl.arange(0, BC)
@@ -180,9 +215,10 @@ def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_gro
         acc = pre[:, None] * gxv + two_gss[:, None] * yv
         acc = tl.dot(guv, wv, acc, input_precision=DOT)
         if HAS_G:
-            gv = tl.load(g + rows[:, None] * s_gr + j * s_gn + cols[None, :] * s_gc, mask=m2, other=0.0)
-            acc += tl.load(h_res + rows * N + j, mask=rmask, other=0.0)[:, None] * gv.to(tl.float32)
-        tl.store(gy + rows[:, None] * (N * C) + j * C + cols[None, :], acc.to(gy.dtype.element_ty), mask=m2)
+            for k in tl.static_range(NG):
+                gv = tl.load(g + rows[:, None] * s_gr + (j + k) * s_gn + cols[None, :] * s_gc, mask=m2, other=0.0)
+                acc += tl.load(h_res + rows * NH + j + k, mask=rmask, other=0.0)[:, None] * gv.to(tl.float32)
+        tl.store(gy + rows[:, None] * (N * C) + j * C + cols[None, :], (acc * scale).to(gy.dtype.element_ty), mask=m2)
         acc_w = tl.dot(tl.trans(guv), yv, acc_w, input_precision=DOT)
     tl.store(gw + group * (P * N * C) + ps[:, None] * (N * C) + j * C + cols[None, :], acc_w, mask=pmask[:, None])
 
@@ -224,101 +260,139 @@ def _np(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def stats(y: torch.Tensor, w: torch.Tensor, dot: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """u = W y (rows, 3n) and ss = sum(y^2) (rows,) of streams y (rows, n, C), fp32 W (3n, n C), in
-    one read of y; `dot` overrides the products' precision (DOT)."""
+def stats(y: torch.Tensor, w: torch.Tensor, dot: str | None = None,
+          write: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """u = W y (rows, P) and ss = sum(y^2) (rows,) of streams y (rows, n, C), fp32 W (P, n C), in one
+    read of y; `dot` overrides the products' precision (DOT). With write = (out, e, h_post, h_res,
+    y_new), of the streams h_res y + h_post (out + e) instead, written to y_new in the same pass."""
     R, n, C = y.shape
-    P = 3 * n
+    P = w.shape[0]
     u = y.new_empty((R, P), dtype=torch.float32)
     ss = y.new_empty((R,), dtype=torch.float32)
-    _stats_kernel[(triton.cdiv(R, STATS["BR"]),)](
-        y, w, u, ss, R, y.stride(0), y.stride(1), C=C, N=n, P=P, PP=max(16, _np(P)), BR=STATS["BR"],
-        BC=_cols(C, STATS["BC"]), DOT=dot or DOT, num_warps=STATS["num_warps"],
+    out, e, h_post, h_res, y_new = write or (y, None, u, u, y)  # any tensors: not read without WRITE
+    blocks = STATS if write is None else STATS_WRITE
+    _stats_kernel[(triton.cdiv(R, blocks["BR"]),)](
+        y, w, u, ss, out, out if e is None else e, h_post, h_res, y_new, R, y.stride(0), y.stride(1), out.stride(0),
+        C=C, N=n, P=P, PP=max(16, _np(P)), WRITE=write is not None, HAS_E=e is not None, BR=blocks["BR"],
+        BC=_cols(C, blocks["BC"]), DOT=dot or DOT, num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
     )  # fmt: skip
     return u, ss
 
 
 class _Read(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, weight, bias, alpha, eps, dtype):
+    def forward(ctx, y, weight, bias, alpha, eps, dtype, ahead):
         R, n, C = y.shape
         BC = _cols(C)
         w = weight.float().contiguous()
-        u, ss = stats(y, w)
+        # n copies of one stream (the first site after expand_streams): read that stream once, as one
+        # stream with the n streams' W blocks summed (W y = (sum_j W_j) y_0, sum(y^2) = n sum(y_0^2))
+        ctx.broadcast = n > 1 and y.stride(1) == 0
+        src, w_src = (y[:, :1], w.view(-1, n, C).sum(1)) if ctx.broadcast else (y, w)
+        if ahead is not None:  # the previous site's write took the stats (backward is the same)
+            u, ss = ahead.u, ahead.ss
+        else:
+            u, ss = stats(src, w_src)
+            ss = ss * n if ctx.broadcast else ss
         inv_rms, logits, s, a, h_pre, h_post, h_res = _compiled(_gates)(u, ss, alpha, bias, n * C, eps)
+        h_src = h_pre.sum(1, keepdim=True) if ctx.broadcast else h_pre
         x = y.new_empty((R, C), dtype=dtype)
-        _combine_kernel[(triton.cdiv(R, 32), C // BC)](y, h_pre, x, R, y.stride(0), y.stride(1), C=C, N=n,
-                                                       BR=32, BC=BC)  # fmt: skip
-        ctx.save_for_backward(y, w, logits, inv_rms, s, a, h_pre, h_res)
+        _combine_kernel[(triton.cdiv(R, 32), C // BC)](src, h_src, x, R, src.stride(0), src.stride(1), C=C,
+                                                       N=src.shape[1], BR=32, BC=BC)  # fmt: skip
+        ctx.save_for_backward(src, w_src, logits, inv_rms, s, a, h_src, h_res)
         ctx.dtypes = weight.dtype, bias.dtype, alpha.dtype
         return x, h_post, h_res, y.view_as(y)
 
     @staticmethod
     def backward(ctx, gx, g_post, g_res, g_stream):
-        y, w, logits, inv_rms, s, a, h_pre, h_res = ctx.saved_tensors
-        R, n, C = y.shape
-        P = 3 * n
-        g_pre = y.new_empty((R, n), dtype=torch.float32)
+        y, w, logits, inv_rms, s, a, h_pre, h_res = ctx.saved_tensors  # y, w, h_pre: of the one stream if broadcast
+        R, ny, C = y.shape
+        n, P = h_res.shape[1], w.shape[0]
+        copies = n // ny  # of each stream of y: n if broadcast, else 1
+        g_pre = y.new_empty((R, ny), dtype=torch.float32)
         gx = torch.zeros_like(y[:, 0]) if gx is None else gx
         gx = gx if gx.stride(-1) == 1 else gx.contiguous()
         _read_reduce_kernel[(triton.cdiv(R, 32),)](gx, y, g_pre, R, gx.stride(0), y.stride(0), y.stride(1), C=C,
-                                                   N=n, NP=_np(n), BR=32, BC=_cols(C))  # fmt: skip
-        g_post, g_res = (torch.zeros_like(g_pre) if g is None else g for g in (g_post, g_res))
+                                                   N=ny, NP=_np(ny), BR=32, BC=_cols(C))  # fmt: skip
+        g_pre = g_pre.expand(R, n)  # broadcast: gx . y_j is the same for every j
+        g_post, g_res = (torch.zeros_like(h_res) if g is None else g for g in (g_post, g_res))
         g_u, g_ss, g_bias, g_alpha = _compiled(_gates_backward)(g_pre, g_post, g_res, s, logits, inv_rms, a, n * C)
-        gy = torch.empty((R, n, C), dtype=y.dtype, device=y.device)
-        BR, BC = READ_BWD["BR"], _cols(C, READ_BWD["BC"])
-        rows_per_group = triton.cdiv(triton.cdiv(R, ROW_GROUPS), BR) * BR
+        gy = torch.empty((R, ny, C), dtype=y.dtype, device=y.device)
+        blocks = READ_BWD_BROADCAST if copies > 1 else READ_BWD
+        BR, BC = blocks["BR"], _cols(C, blocks["BC"])
+        # as many programs for a broadcast input as for n streams: more row groups, as it has 1/n the columns
+        rows_per_group = triton.cdiv(triton.cdiv(R, ROW_GROUPS * copies), BR) * BR
         groups = triton.cdiv(R, rows_per_group)
-        gw = y.new_empty((groups, P, n * C), dtype=torch.float32)
+        gw = y.new_empty((groups, P, ny * C), dtype=torch.float32)
         has_g = g_stream is not None
         g = g_stream if has_g else gy  # any tensor: not read when HAS_G is off
-        _read_bwd_kernel[(n * C // BC, groups)](
-            g, y, gx, h_pre, h_res, g_u, g_ss, w, gy, gw, R, rows_per_group, g.stride(0), g.stride(1), g.stride(2),
-            y.stride(0), y.stride(1), gx.stride(0), C=C, N=n, P=P, PP=max(16, _np(P)), HAS_G=has_g, BR=BR, BC=BC,
-            DOT=DOT, num_warps=READ_BWD["num_warps"],
+        # A broadcast input gets the sum over its n copies, returned as n copies of 1/n of it (which
+        # autograd sums back: exact for n a power of two, else to fp32 rounding).
+        _read_bwd_kernel[(ny * C // BC, groups)](
+            g, y, gx, h_pre, h_res, g_u, g_ss * copies, w, gy, gw, R, rows_per_group, 1 / copies, g.stride(0),
+            g.stride(1), g.stride(2), y.stride(0), y.stride(1), gx.stride(0), C=C, N=ny, NG=copies, NH=n, P=P,
+            PP=max(16, _np(P)), HAS_G=has_g, BR=BR, BC=BC, DOT=DOT, num_warps=blocks["num_warps"],
         )  # fmt: skip
+        gw = gw.sum(0).repeat(1, copies)  # broadcast: each W_j saw the same stream
         w_dtype, b_dtype, a_dtype = ctx.dtypes
-        return gy, gw.sum(0).to(w_dtype), g_bias.to(b_dtype), g_alpha.to(a_dtype), None, None
+        return gy.expand(R, n, C), gw.to(w_dtype), g_bias.to(b_dtype), g_alpha.to(a_dtype), None, None, None
 
 
 class _Write(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stream, out, h_post, h_res, embedding):
+    def forward(ctx, stream, out, h_post, h_res, embedding, merge, next_weight):
         R, n, C = stream.shape
         BC = _cols(C)
         out = out if out.stride(-1) == 1 else out.contiguous()
         h_post = h_post.contiguous()
-        e = embedding if embedding is not None else out  # any tensor: not read when HAS_E is off
-        y_new = torch.empty((R, n, C), dtype=stream.dtype, device=stream.device)
-        _write_kernel[(triton.cdiv(R, 32), C // BC)](stream, out, e, h_post, h_res, y_new, R, stream.stride(0),
-                                                     stream.stride(1), out.stride(0), C=C, N=n,
-                                                     HAS_E=embedding is not None, BR=32, BC=BC)  # fmt: skip
+        ctx.merged = merge is not None
+        shape, dtype = ((R, C), merge) if ctx.merged else ((R, n, C), stream.dtype)
+        y_new = torch.empty(shape, dtype=dtype, device=stream.device)
+        u = ss = y_new.new_empty(0)
+        if next_weight is not None:  # and the next site's stats of y_new, in the same pass
+            u, ss = stats(stream, next_weight.float().contiguous(), write=(out, embedding, h_post, h_res, y_new))
+        else:
+            e = embedding if embedding is not None else out  # any tensor: not read when HAS_E is off
+            _write_kernel[(triton.cdiv(R, 32), C // BC)](stream, out, e, h_post, h_res, y_new, R, stream.stride(0),
+                                                         stream.stride(1), out.stride(0), C=C, N=n,
+                                                         HAS_E=embedding is not None, MERGE=ctx.merged, BR=32,
+                                                         BC=BC)  # fmt: skip
         ctx.save_for_backward(stream, out, h_post, embedding)
-        return y_new
+        ctx.mark_non_differentiable(u, ss)  # their gradient is the next site's read's (the Ahead it gets)
+        return y_new, u, ss
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_u, _g_ss):
         stream, out, h_post, embedding = ctx.saved_tensors
         R, n, C = stream.shape
+        if ctx.merged:  # merged: the mean's gradient, n copies of g / n (as merge_streams gives)
+            g = (g / n).to(stream.dtype).unsqueeze(1).expand(R, n, C)
         g_res = g.new_empty((R, n), dtype=torch.float32)
         g_post = torch.empty_like(g_res)
         g_out = torch.empty((R, C), dtype=out.dtype, device=out.device)
         e = embedding if embedding is not None else out
-        _write_bwd_kernel[(triton.cdiv(R, 16),)](g, stream, out, e, h_post, g_res, g_post, g_out, R, g.stride(0),
-                                                 g.stride(1), g.stride(2), stream.stride(0), stream.stride(1),
-                                                 out.stride(0), C=C, N=n, NP=_np(n), HAS_E=embedding is not None,
-                                                 BR=16, BC=_cols(C))  # fmt: skip
-        g_e = None if embedding is None else g_out.float().sum(0).to(embedding.dtype)
-        return g, g_out, g_post, g_res, g_e  # g untouched: _Read.backward applies h_res (module docstring)
+        programs = triton.cdiv(R, 16)
+        g_e = torch.empty((programs, C), dtype=torch.float32, device=out.device) if embedding is not None else g_out
+        _write_bwd_kernel[(programs,)](g, stream, out, e, h_post, g_res, g_post, g_out, g_e, R, g.stride(0),
+                                       g.stride(1), g.stride(2), stream.stride(0), stream.stride(1), out.stride(0),
+                                       C=C, N=n, NP=_np(n), HAS_E=embedding is not None, BR=16, BC=_cols(C))  # fmt: skip
+        g_e = None if embedding is None else g_e.sum(0).to(embedding.dtype)
+        # g untouched: _Read.backward applies h_res (module docstring)
+        return g, g_out, g_post, g_res, g_e, None, None
 
 
-def read(hc, y: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, Coefficients]:
-    """HyperConnection.read on the kernels: the branch input (..., C) in `dtype` and the coefficients."""
-    x, h_post, h_res, stream = _Read.apply(_rows(y), hc.weight, hc.bias, hc.alpha, eps, dtype)
+def read(hc, y: torch.Tensor, eps: float, dtype: torch.dtype, ahead: Ahead | None = None):
+    """HyperConnection.read on the kernels: the branch input (..., C) in `dtype` and the coefficients;
+    `ahead`: the stats of y for this site, from the previous site's write."""
+    x, h_post, h_res, stream = _Read.apply(_rows(y), hc.weight, hc.bias, hc.alpha, eps, dtype, ahead)
     return x.unflatten(0, y.shape[:-2]), Coefficients(h_post, h_res, stream)
 
 
-def write(hc, out: torch.Tensor, coeffs: Coefficients) -> torch.Tensor:
-    """HyperConnection.write on the kernels: the new streams (..., n, C)."""
-    y_new = _Write.apply(coeffs.stream, out.flatten(0, -2), coeffs.h_post, coeffs.h_res, hc.embedding)
-    return y_new.unflatten(0, out.shape[:-1])
+def write(hc, out: torch.Tensor, coeffs: Coefficients, merge: torch.dtype | None = None, next_site=None):
+    """HyperConnection.write on the kernels: the new streams (..., n, C), or with `merge` their mean
+    (..., C) in that dtype, without storing them; with `next_site`, also that site's Ahead."""
+    weight = None if next_site is None else next_site.weight
+    y_new, u, ss = _Write.apply(coeffs.stream, out.flatten(0, -2), coeffs.h_post, coeffs.h_res, hc.embedding,
+                                merge, weight)  # fmt: skip
+    y_new = y_new.unflatten(0, out.shape[:-1])
+    return y_new if next_site is None else (y_new, Ahead(u, ss))

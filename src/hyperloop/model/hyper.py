@@ -144,24 +144,30 @@ class HyperConnection(nn.Module):
             h_res = None
         return h_pre, h_post, h_res
 
-    def read(self, y: torch.Tensor):
+    def read(self, y: torch.Tensor, ahead=None):
         """Start a site: the branch input H_pre y and the coefficients to finish it with. The input is
         in the parameters' dtype, the residual stream's (bf16 streams still feed fp32 branches under
         autocast). CUDA training of a diagonal site runs on the Triton kernels of fused_site.py;
-        everything else on `_read`."""
+        everything else on `_read`. `ahead`: what the previous site's `write(..., next_site=self)`
+        returned with y."""
         if self.fused(y):
             from hyperloop.model import fused_site
 
-            return fused_site.read(self, y, RMS_EPS, self.weight.dtype)
+            return fused_site.read(self, y, RMS_EPS, self.weight.dtype, ahead)
         return self._read(y, self.weight.dtype)
 
-    def write(self, y: torch.Tensor, out: torch.Tensor, coeffs) -> torch.Tensor:
-        """Finish a site: H_res y + H_post (out + e)."""
+    def write(self, y: torch.Tensor, out: torch.Tensor, coeffs, merge: torch.dtype | None = None,
+              next_site: HyperConnection | None = None):  # fmt: skip
+        """Finish a site: H_res y + H_post (out + e). With `merge`, the mean of those streams in that
+        dtype (merge_streams), which the fused kernels give without storing the streams. With
+        `next_site`, the site that reads these streams next: returns (streams, ahead) for its
+        `read(streams, ahead)`; fused, the write takes that site's stats of the streams as it writes
+        them (ahead), which saves the read a pass over them; else ahead is None."""
         if hasattr(coeffs, "stream"):  # from the fused read: fused_site.Coefficients
             from hyperloop.model import fused_site
 
-            return fused_site.write(self, out, coeffs)
-        return self._write(y, out, coeffs)
+            return fused_site.write(self, out, coeffs, merge, next_site)
+        return write_result(self._write(y, out, coeffs), merge, next_site)
 
     def fused(self, y: torch.Tensor) -> bool:
         # Not while torch.compile traces: dynamo then sees `_read`, which it compiles as a whole.
@@ -190,11 +196,35 @@ class HyperConnection(nn.Module):
         return self.write(y, branch(x), coeffs)
 
 
+def write_result(streams: torch.Tensor, merge: torch.dtype | None = None, next_site: HyperConnection | None = None):
+    """What HyperConnection.write returns for the new streams when it does not fuse (also for code
+    that wraps `write`): the streams, their mean in `merge`, or (streams, None) with `next_site`."""
+    if next_site is not None:
+        return streams, None
+    return streams if merge is None else merge_streams(streams, merge)
+
+
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
     """(..., C) -> (..., n, C): the streams start as n copies of the residual stream. A broadcast
     view, not n written copies: the first site only reads them (its write makes new streams), and a
     compiled site reads a stride-0 input straight from x, without an n-fold copy in memory."""
-    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+    return _Copies.apply(x, n)
+
+
+class _Copies(torch.autograd.Function):
+    """x broadcast to n streams, whose gradient sums the n streams' gradients. When those come as a
+    broadcast too (n equal copies: the fused first site gives its input's gradient that way), the sum
+    is one of them times n, a pass over x's size; autograd's expand backward would run a strided
+    reduction over the stride-0 axis, several times slower (0.5 ms at the S shape on an H100)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return (g.select(-2, 0) * ctx.n if g.stride(-2) == 0 else g.sum(-2)), None
 
 
 def merge_streams(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

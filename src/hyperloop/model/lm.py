@@ -173,18 +173,28 @@ class HyperloopLM(nn.Module):
             record(step, x)
         if cfg.hc_placement == "span":  # Hyperloop: y <- H_res y + H_post (Middle(H_pre y) + e)
             y = expand_streams(x.to(streams), cfg.n_streams)
+            def site_hc(site: int) -> HyperConnection:  # past the trained loops, reuse the last site
+                return self.hc[min(site, len(self.hc) - 1)]
+
+            ahead = None  # this site's stats of y, when the previous site's (fused) write took them
             for site, first in enumerate(range(0, n_middle, cfg.span)):
-                hc = self.hc[min(site, len(self.hc) - 1)]  # past the trained loops, reuse the last site
-                h, coeffs = hc.read(y)
+                hc = site_hc(site)
+                h, coeffs = hc.read(y, ahead)
                 for step in middle[first : first + cfg.span]:
                     h = run(step, h)
                     if layer_outputs is not None:  # the outer stream as if the span ended here
-                        record(step, merge_streams(hc.write(y, h, coeffs), residual))
-                y = hc.write(y, h, coeffs)
+                        record(step, hc.write(y, h, coeffs, merge=residual))
                 done = first + cfg.span  # unrolled middle layers finished so far
-                if on_loop_end is not None and done % m == 0 and on_loop_end(done // m - 1, merge_streams(y, residual)):
+                if done >= n_middle:  # the last site: its streams are only averaged, so never stored
+                    x = hc.write(y, h, coeffs, merge=residual)
+                    if on_loop_end is not None:
+                        on_loop_end(done // m - 1, x)
                     break
-            x = merge_streams(y, residual)
+                y, ahead = hc.write(y, h, coeffs, next_site=site_hc(site + 1))
+                if on_loop_end is not None and done % m == 0:
+                    x = merge_streams(y, residual)
+                    if on_loop_end(done // m - 1, x):
+                        break
         else:
             for i, step in enumerate(middle):
                 x = run(step, x)
