@@ -196,8 +196,9 @@ def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_gro
     # N streams in y (1 for a broadcast input); each gathers h_res g' over NG of the NH = n streams of g
     # (1, its own; n for a broadcast input, whose one stream stands for all n)
     chunk, group = tl.program_id(0), tl.program_id(1)  # chunk: BC columns of one stream
-    j = chunk // (C // BC)
-    cols = (chunk % (C // BC)) * BC + tl.arange(0, BC)
+    # the stream varies fastest: the N programs that read the same gx tile run side by side (L2 hits)
+    j = chunk % N
+    cols = (chunk // N) * BC + tl.arange(0, BC)
     ps = tl.arange(0, PP)
     pmask = ps < P
     wv = tl.load(w + ps[:, None] * (N * C) + j * C + cols[None, :], mask=pmask[:, None], other=0.0)  # (PP, BC)
