@@ -5,6 +5,7 @@ Used by `hyperloop bench train --profile` (optimizer steps) and `hyperloop bench
 kernel time and the number of kernels. Their ratio says how busy the GPU was; for a decode step,
 profiled without its CUDA graph, comparing the kernel time with the graphed step's time (which the
 caller puts in the title) shows how much of a step is latency between kernels rather than work.
+After the table come our own Triton kernels call by call (the fused Hyperloop sites').
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def profile_table(run: Callable[[], None], repeats: int, device: torch.device, p
     busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / repeats
     launches = sum(e.count for e in kernels) / repeats
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # Our own Triton kernels (named _*_kernel, e.g. the fused Hyperloop sites'), call by call in launch
+    # order: the table's averages hide that the same kernel costs differently at different sites.
+    calls: dict[str, list[str]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA and event.name.startswith("_") and event.name.endswith("_kernel"):
+            calls.setdefault(event.name, []).append(f"{event.device_time_total:.0f}")
+    own = "".join(f"  {name}: {' '.join(times)}\n" for name, times in calls.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{title}: {repeats} repeats; per repeat: {wall_ms:.3f} ms wall (profiled), {busy_ms:.3f} ms "
-                    f"of GPU kernels, {launches:.0f} kernels\n" + averages.table(sort_by=sort, row_limit=60) + "\n")  # fmt: skip
+                    f"of GPU kernels, {launches:.0f} kernels\n" + averages.table(sort_by=sort, row_limit=60) + "\n"
+                    + (f"Our Triton kernels, us per call in launch order:\n{own}" if own else ""))  # fmt: skip

@@ -23,6 +23,13 @@ place; the write's backward hands its incoming gradient g' to that alias untouch
 backward applies h_res to it. The two functions are only correct as that pair (`read` then `write`
 on its alias), which is how HyperConnection uses them.
 
+Where sites follow one another (the model's loop, lm.py), three more passes go:
+- a write can take the next site's stats as it writes y' (`next_site`: the stats kernel with the
+  write in front, WRITE); that site's read then starts from them (`Ahead`) instead of reading y';
+- the last write can return the streams' mean instead of the streams (`merge`), never storing them;
+- the first site reads n copies of one stream (expand_streams' broadcast): its kernels read that
+  stream once, with W's n blocks summed, and its backward forms the sum of the n copies' gradients.
+
 Every sum is in fp32 whatever the stream dtype, as in hyper.py, and so is every product but those of
 the W y projection and its gradients (TF32, see DOT); the results match the op-by-op site to that
 precision (tests/test_gpu.py).
