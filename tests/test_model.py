@@ -177,6 +177,32 @@ def test_merge_streams_is_the_mean_with_the_mean_gradient():
     torch.testing.assert_close(y16.grad.float(), (2 * merged / 4).unsqueeze(-2).expand(2, 3, 4, 8), atol=1e-2, rtol=1e-2)
 
 
+def test_expand_streams_gradient_sums_the_copies_also_when_it_comes_broadcast():
+    """expand_streams' backward sums the n streams' gradients: a gradient given as n broadcast copies
+    (the fused first site returns it so) gives the same sum as the same values written out."""
+    from hyperloop.model.hyper import expand_streams
+
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: expand_streams(t, 3), (x,))
+    g = torch.randn(2, 5, 1, 8, dtype=torch.float64).expand(2, 5, 3, 8)
+    (broadcast,) = torch.autograd.grad(expand_streams(x, 3), x, g)
+    (written,) = torch.autograd.grad(expand_streams(x, 3), x, g.contiguous())
+    torch.testing.assert_close(broadcast, written)
+    torch.testing.assert_close(broadcast, 3 * g[..., 0, :])
+
+
+def test_site_write_refuses_merge_with_next_site():
+    from hyperloop.model.hyper import HyperConnection, expand_streams
+
+    sites = [HyperConnection(8, 2, "diagonal", wraps_residual=True) for _ in range(2)]
+    y = expand_streams(torch.randn(1, 3, 8), 2)
+    h, coeffs = sites[0].read(y)
+    with pytest.raises(ValueError, match="exclude each other"):
+        sites[0].write(y, h, coeffs, merge=torch.float32, next_site=sites[1])
+    new, ahead = sites[0].write(y, h, coeffs, next_site=sites[1])  # unfused: the streams, no stats
+    assert new.shape == y.shape and ahead is None
+
+
 @pytest.mark.parametrize("arch", ["hyperloop", "mhc"])
 def test_bf16_streams_are_stored_in_bf16_and_change_little(arch, monkeypatch):
     """hc_bf16_streams: every site writes bf16 streams; the branches still get the residual's dtype

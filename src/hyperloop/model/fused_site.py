@@ -356,7 +356,7 @@ class _Write(torch.autograd.Function):
         ctx.merged = merge is not None
         shape, dtype = ((R, C), merge) if ctx.merged else ((R, n, C), stream.dtype)
         y_new = torch.empty(shape, dtype=dtype, device=stream.device)
-        u = ss = y_new.new_empty(0)
+        u, ss = y_new.new_empty(0), y_new.new_empty(0)
         if next_weight is not None:  # and the next site's stats of y_new, in the same pass
             u, ss = stats(stream, next_weight.float().contiguous(), write=(out, embedding, h_post, h_res, y_new))
         else:

@@ -163,6 +163,8 @@ class HyperConnection(nn.Module):
         `next_site`, the site that reads these streams next: returns (streams, ahead) for its
         `read(streams, ahead)`; fused, the write takes that site's stats of the streams as it writes
         them (ahead), which saves the read a pass over them; else ahead is None."""
+        if merge is not None and next_site is not None:
+            raise ValueError("write: merge (the last site) and next_site exclude each other")
         if hasattr(coeffs, "stream"):  # from the fused read: fused_site.Coefficients
             from hyperloop.model import fused_site
 

@@ -173,6 +173,7 @@ class HyperloopLM(nn.Module):
             record(step, x)
         if cfg.hc_placement == "span":  # Hyperloop: y <- H_res y + H_post (Middle(H_pre y) + e)
             y = expand_streams(x.to(streams), cfg.n_streams)
+
             def site_hc(site: int) -> HyperConnection:  # past the trained loops, reuse the last site
                 return self.hc[min(site, len(self.hc) - 1)]
 

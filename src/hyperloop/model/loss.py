@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+ADDMM_OUT_DTYPE = "dtype" in torch.ops.aten.addmm.overloads()  # torch.addmm(..., out_dtype=): newer PyTorch
+
 
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, acc: torch.dtype):
     """For one chunk of logits (N, V): sum_i weights_i * CE_i, and its gradient w.r.t. the logits,
@@ -49,7 +51,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # The head's gradient summed over the chunks in `acc`: on CUDA inside the matmul (bf16 products,
         # fp32 output added to the running sum by cuBLAS), not as a bf16 result cast and added per chunk
         # (two passes over the V x C sum per chunk: ~2 ms of a Transformer-S step on an H100).
-        fused_sum = hidden.is_cuda and compute != acc
+        fused_sum = hidden.is_cuda and compute != acc and ADDMM_OUT_DTYPE
         total = torch.zeros((), device=hidden.device, dtype=acc)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
