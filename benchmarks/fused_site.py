@@ -3,7 +3,8 @@
 For fp32 and bf16 streams: the stats kernel (RMS and the 3n projections in one read of the
 streams) with each tl.dot precision (TF32, three TF32 products, fp32 FMAs), then one whole site,
 forward and backward (a middle site, and one that is first and last), on the kernels and on the
-op-by-op reference (hyper.py, compiled as training compiles it). Prints a markdown table; --json FILE also writes the rows.
+op-by-op reference (hyper.py, compiled as training compiles it). Prints a markdown table; --json
+FILE also writes the rows.
 
     python benchmarks/fused_site.py                       # S shape: 16 x 2048 tokens, n = 4, C = 1024
 """
