@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hyperloop.model.hyper import mean_of_streams_grad
+
 # Block shapes (rows x columns per program, warps) of the kernels with a tl.dot (best of a sweep on
 # an H100 at 16 x 2048 tokens, n = 4, C = 1024), and the precision of their products: TF32 on the
 # tensor cores with fp32 sums, what torch.backends.cuda.matmul.allow_tf32 gives fp32 matmuls. It
@@ -373,8 +375,8 @@ class _Write(torch.autograd.Function):
     def backward(ctx, g, _g_u, _g_ss):
         stream, out, h_post, embedding = ctx.saved_tensors
         R, n, C = stream.shape
-        if ctx.merged:  # merged: the mean's gradient, n copies of g / n (as merge_streams gives)
-            g = (g / n).to(stream.dtype).unsqueeze(1).expand(R, n, C)
+        if ctx.merged:  # g is the mean's gradient
+            g = mean_of_streams_grad(g, stream.shape, stream.dtype)
         g_res = g.new_empty((R, n), dtype=torch.float32)
         g_post = torch.empty_like(g_res)
         g_out = torch.empty((R, C), dtype=out.dtype, device=out.device)

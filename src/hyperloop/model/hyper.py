@@ -245,4 +245,10 @@ class _MeanOfStreams(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return (g / ctx.shape[-2]).to(ctx.dtype).unsqueeze(-2).expand(ctx.shape), None
+        return mean_of_streams_grad(g, ctx.shape, ctx.dtype), None
+
+
+def mean_of_streams_grad(g: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of streams of `shape` (..., n, C) from that of their mean: g / n as a broadcast
+    view, in the streams' dtype (also what the fused last site's merged write needs)."""
+    return (g / shape[-2]).to(dtype).unsqueeze(-2).expand(shape)
