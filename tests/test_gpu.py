@@ -20,7 +20,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def op_by_op_sites(monkeypatch):
-    """Hyperloop sites on the plain torch ops of hyper.py instead of the fused kernels."""
+    """Hyper-connection sites on the plain torch ops of hyper.py instead of the fused kernels."""
     monkeypatch.setattr(HyperConnection, "fused", lambda self, y: False)
 
 
@@ -71,25 +71,46 @@ def test_compiled_bf16_step_matches_eager_fp32(arch, monkeypatch):
     assert worst < 5e-2, worst
 
 
-@pytest.mark.parametrize("n, dim, broadcast, merge, dtype, dot", [
-    (4, 256, True, True, torch.float32, "ieee"), (4, 256, False, False, torch.float32, "ieee"),
-    (3, 48, True, False, torch.float32, "ieee"), (3, 48, False, True, torch.float32, "ieee"),
-    (1, 64, True, True, torch.float32, "ieee"), (4, 256, False, True, torch.float32, "tf32"),
-    (4, 256, True, False, torch.bfloat16, "tf32"), (2, 128, False, True, torch.bfloat16, "tf32"),
+def test_sinkhorn_kernels_match_autograd():
+    """The Sinkhorn kernels against hyper.sinkhorn and its autograd gradient, on logits far from and
+    near the identity's (mHC's init)."""
+    from hyperloop.model import fused_site
+    from hyperloop.model.hyper import sinkhorn
+
+    torch.manual_seed(0)
+    for scale, shift in ((3.0, 0.0), (0.1, 4.0)):
+        z = (scale * torch.randn(1000, 4, 4, device="cuda") + shift * torch.eye(4, device="cuda")).requires_grad_()
+        g = torch.randn(1000, 4, 4, device="cuda")
+        ref = sinkhorn(z, 20)
+        (g_ref,) = torch.autograd.grad(ref, z, g)
+        h, iterates = fused_site.sinkhorn(z.detach(), 20)
+        assert _rel(h, ref) < 1e-5 and _rel(fused_site.sinkhorn_backward(iterates, g), g_ref) < 1e-4
+
+
+@pytest.mark.parametrize("h_res, n, dim, broadcast, merge, dtype, dot", [
+    ("diagonal", 4, 256, True, True, torch.float32, "ieee"), ("diagonal", 4, 256, False, False, torch.float32, "ieee"),
+    ("diagonal", 3, 48, True, False, torch.float32, "ieee"), ("diagonal", 3, 48, False, True, torch.float32, "ieee"),
+    ("diagonal", 1, 64, True, True, torch.float32, "ieee"), ("diagonal", 4, 256, False, True, torch.float32, "tf32"),
+    ("diagonal", 4, 256, True, False, torch.bfloat16, "tf32"), ("diagonal", 2, 128, False, True, torch.bfloat16, "tf32"),
+    ("sinkhorn", 4, 256, True, True, torch.float32, "ieee"), ("sinkhorn", 4, 256, False, False, torch.float32, "ieee"),
+    ("sinkhorn", 2, 64, True, False, torch.float32, "ieee"), ("sinkhorn", 4, 256, False, True, torch.float32, "tf32"),
+    ("sinkhorn", 4, 256, True, False, torch.bfloat16, "tf32"),
 ])  # fmt: skip
-def test_fused_sites_match_op_by_op(n, dim, broadcast, merge, dtype, dot, monkeypatch):
-    """Two chained Hyperloop sites on the Triton kernels against hyper.py's ops: the streams (or,
-    with `merge`, their mean, as the model's last site returns) and the gradients of the input, of
-    every HC parameter and of the branch. The first site reads a broadcast input (as after
-    expand_streams: the kernels read its one stream) or streams that differ, and its write takes the
-    second site's stats; the streams are stored in fp32 or bf16 (hc_bf16_streams), the parameters
-    are fp32. With fp32 products in the kernels' tl.dot ("ieee") the fp32 results agree to rounding;
-    with the TF32 default, to its precision."""
+def test_fused_sites_match_op_by_op(h_res, n, dim, broadcast, merge, dtype, dot, monkeypatch):
+    """Two chained sites on the Triton kernels against hyper.py's ops, Hyperloop's (diagonal H_res,
+    loop embedding) and mHC's (Sinkhorn H_res): the streams (or, with `merge`, their mean, as the
+    model's last site returns) and the gradients of the input, of every HC parameter and of the
+    branch. The first site reads a broadcast input (as after expand_streams: the kernels read its one
+    stream) or streams that differ, and its write takes the second site's stats; the streams are
+    stored in fp32 or bf16 (hc_bf16_streams), the parameters are fp32. With fp32 products in the
+    kernels' tl.dot ("ieee") the fp32 results agree to rounding; with the TF32 default, to its
+    precision."""
     from hyperloop.model import fused_site
 
     monkeypatch.setattr(fused_site, "DOT", dot)
     torch.manual_seed(0)
-    sites = [HyperConnection(dim, n, "diagonal", wraps_residual=True, loop_embedding=True).cuda() for _ in range(2)]
+    hyperloop = h_res == "diagonal"
+    sites = [HyperConnection(dim, n, h_res, wraps_residual=hyperloop, loop_embedding=hyperloop).cuda() for _ in range(2)]
     branch = torch.nn.Linear(dim, dim).cuda()
     with torch.no_grad():  # away from the init, where the gates are near constants
         for p in [p for s in sites for p in s.parameters()]:

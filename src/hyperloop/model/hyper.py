@@ -173,8 +173,10 @@ class HyperConnection(nn.Module):
 
     def fused(self, y: torch.Tensor) -> bool:
         # Not while torch.compile traces: dynamo then sees `_read`, which it compiles as a whole.
+        # A Sinkhorn H_res needs n a power of two (its kernel holds n x n tiles).
+        sinkhorn_ok = self.h_res == "sinkhorn" and self.n & (self.n - 1) == 0
         return (HAS_TRITON and y.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and self.h_res == "diagonal" and self.dim % 16 == 0)  # fmt: skip
+                and (self.h_res == "diagonal" or sinkhorn_ok) and self.dim % 16 == 0)  # fmt: skip
 
     def _read(self, y: torch.Tensor, dtype: torch.dtype):
         coeffs = self.coefficients(y)

@@ -1,23 +1,19 @@
 """Llama-style decoder pieces (spec section 1): RMSNorm, RoPE, causal SDPA attention, SwiGLU, Block.
 
 Projections are fused (q|k|v in one matrix, gate|up in another): the same parameters as separate
-matrices, fewer kernel launches. A Block keeps its own residuals unless hyper-connections are
-passed in, in which case each sub-layer becomes the bare branch F of an mHC site (spec 2b).
+matrices, fewer kernel launches. A Block keeps its own residuals, or gives one sub-layer's bare
+output F(x) for an mHC site to wrap (spec 2b).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hyperloop.config import ModelConfig
-
-if TYPE_CHECKING:
-    from hyperloop.model.hyper import HyperConnection
 
 
 class RMSNorm(nn.Module):
@@ -130,8 +126,9 @@ class MLP(_Projections):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer. Plain: x + attn(norm x), then x + mlp(norm x). With `hcs` (two mHC
-    sites) the input is a stack of streams and each sub-layer is wrapped by its hyper-connection."""
+    """Pre-norm decoder layer: x + attn(norm x), then x + mlp(norm x). With `branch` ("attn" or
+    "mlp") only that sub-layer's output F(x), for a caller that wraps it (mHC's hyper-connection
+    sites, lm.py); still through forward, so hooks (FSDP's all-gather) and torch.compile apply."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,12 +144,11 @@ class Block(nn.Module):
         loop: int | None = None,
         cache=None,
         slot: int = 0,
-        hcs: tuple[HyperConnection, HyperConnection] | None = None,
+        branch: str | None = None,
     ) -> torch.Tensor:
         attn: Callable = lambda h: self.attn(self.attn_norm(h), rope, loop, cache, slot)  # noqa: E731
         mlp: Callable = lambda h: self.mlp(self.mlp_norm(h), loop)  # noqa: E731
-        if hcs is None:
-            x = x + attn(x)
-            return x + mlp(x)
-        x = hcs[0](x, attn)
-        return hcs[1](x, mlp)
+        if branch is not None:
+            return {"attn": attn, "mlp": mlp}[branch](x)
+        x = x + attn(x)
+        return x + mlp(x)

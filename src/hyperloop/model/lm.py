@@ -142,11 +142,11 @@ class HyperloopLM(nn.Module):
         rope = self.rope(positions)
         steps = self.plan(loops)
 
-        def run(step: Step, x: torch.Tensor, hcs=None) -> torch.Tensor:
+        def run(step: Step, x: torch.Tensor, branch: str | None = None) -> torch.Tensor:
             # Pass the loop only to LoRA and the slot only to a cache: a compiled Block then sees the
             # same arguments at every position and compiles once, not once per layer execution.
             loop = step.loop if cfg.lora_rank else None
-            return self.layers[step.layer](x, rope, loop, cache, step.index if cache is not None else 0, hcs)
+            return self.layers[step.layer](x, rope, loop, cache, step.index if cache is not None else 0, branch)
 
         def record(step: Step, outer: torch.Tensor) -> None:
             if layer_outputs is not None:
@@ -155,13 +155,20 @@ class HyperloopLM(nn.Module):
         x = self.embed(tokens)
         residual = x.dtype  # of the outer residual stream; the HC streams may be stored in bf16
         streams = torch.bfloat16 if cfg.hc_bf16_streams else residual
-        if cfg.hc_placement == "sublayer":  # mHC: streams everywhere, two sites per unrolled layer
-            y = expand_streams(x.to(streams), cfg.n_streams)
-            for step in steps:
-                y = run(step, y, (self.hc[2 * step.index], self.hc[2 * step.index + 1]))
-                if layer_outputs is not None:
-                    record(step, merge_streams(y, residual))
-            return merge_streams(y, residual)
+        if cfg.hc_placement == "sublayer":  # mHC: streams everywhere, a site around every sub-layer
+            sites = [(step, branch) for step in steps for branch in ("attn", "mlp")]
+            y, ahead = expand_streams(x.to(streams), cfg.n_streams), None
+            for i, (step, branch) in enumerate(sites):
+                hc = self.hc[i]  # = 2 * step.index (+ 1 for the MLP)
+                h, coeffs = hc.read(y, ahead)
+                out = run(step, h, branch)
+                if i == len(sites) - 1:  # the last site: its streams are only averaged, so never stored
+                    x = hc.write(y, out, coeffs, merge=residual)
+                else:  # each write takes the next site's stats (fused) as it writes the streams
+                    y, ahead = hc.write(y, out, coeffs, next_site=self.hc[i + 1])
+                if branch == "mlp" and layer_outputs is not None:
+                    record(step, x if i == len(sites) - 1 else merge_streams(y, residual))
+            return x
 
         if on_loop_end is not None and cfg.hc_placement == "span" and cfg.middle_layers % cfg.span:
             raise HyperloopError("early exit needs HC spans that end at loop boundaries")

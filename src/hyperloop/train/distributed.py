@@ -63,14 +63,14 @@ def shutdown() -> None:
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each decoder layer in place (torchtitan style): all layers share one compiled
     graph, so a looped middle block, or 38 layers, cost one compilation; the model itself stays a
-    plain module (plain state-dict names). Hyperloop's hyper-connection sites run between blocks,
-    so their read and write are compiled too (one graph each, shared by all sites) where they do not
-    run on the fused kernels (model/fused_site.py): eager, the RMSNorm, projections and stream
-    combines over n x C are a dozen memory-bound kernels per site. mHC's sites live inside the
-    blocks and are compiled with them."""
+    plain module (plain state-dict names). The hyper-connection sites (Hyperloop's, and mHC's around
+    each sub-layer) run between the compiled calls, so their read and write are compiled too (one
+    graph each, shared by all sites) where they do not run on the fused kernels (model/fused_site.py):
+    eager, the RMSNorm, projections and stream combines over n x C are a dozen memory-bound kernels
+    per site."""
     for block in model.layers:
         block.compile()
-    if model.cfg.hc_placement == "span":
+    if model.cfg.hc_placement != "none":
         read, write = torch.compile(HyperConnection._read), torch.compile(HyperConnection._write)
         for hc in model.hc:  # instance attributes shadow the methods; state dicts are unchanged
             hc._read, hc._write = partial(read, hc), partial(write, hc)
