@@ -139,6 +139,36 @@ def test_two_process_gloo_equals_one_process_and_resumes_on_one(demo_data, tmp_p
         assert ours[step] == pytest.approx(ref[step], abs=1e-5), step
 
 
+def test_fsdp2_sharded_mhc_matches_the_plain_model(monkeypatch):
+    """mHC calls each block once per sub-layer (`branch=`), through forward: FSDP2's all-gather hooks
+    fire for both calls, and the sharded model (one gloo rank) gives the plain model's loss and
+    gradients."""
+    import torch.distributed as dist
+
+    from hyperloop.train.distributed import DistInfo, wrap
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(28400 + os.getpid() % 500))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg = get_preset("mhc-xs").replace(vocab_size=256, max_seq_len=32, dim=64, n_heads=2, ffn_dim=96)
+        plain, sharded = HyperloopLM(cfg), HyperloopLM(cfg)
+        sharded.load_state_dict(plain.state_dict())
+        wrap(sharded, DistInfo(rank=0, world_size=2), "fsdp")  # world_size > 1 turns wrapping on; the group has 1 rank
+        x = torch.randint(0, cfg.vocab_size, (2, 32))
+        losses = []
+        for model in (plain, sharded):
+            losses.append(model(x, torch.roll(x, -1, dims=1)))
+            losses[-1].backward()
+        torch.testing.assert_close(losses[1], losses[0])
+        for (name, p), q in zip(plain.named_parameters(), sharded.parameters(), strict=True):
+            g = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+            torch.testing.assert_close(g, p.grad, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------ failures
 def test_nonfinite_steps_are_skipped_then_stop(demo_data, tmp_path):
     result = run_train(demo_data, tmp_path / "run", "train.lr=1e30", "train.min_lr=1e30", "train.max_nonfinite=2")

@@ -1,4 +1,5 @@
-"""A Hyperloop site (diagonal H_res) as a few Triton kernels, forward and backward (CUDA training).
+"""A hyper-connection site as a few Triton kernels, forward and backward (CUDA training): Hyperloop's
+(diagonal H_res) and mHC's (Sinkhorn H_res, n a power of two).
 
 Why: a site works on n fp32 streams of width C per token; at 16 x 2048 tokens, n = 4, C = 1024,
 each pass over them moves 512 MB. Compiled op by op (hyper.py), a site's forward and backward make
@@ -29,6 +30,12 @@ Where sites follow one another (the model's loop, lm.py), three more passes go:
 - the last write can return the streams' mean instead of the streams (`merge`), never storing them;
 - the first site reads n copies of one stream (expand_streams' broadcast): its kernels read that
   stream once, with W's n blocks summed, and its backward forms the sum of the n copies' gradients.
+
+A full (Sinkhorn) H_res, mHC's: the gates have 2n + n^2 rows; `sinkhorn` projects the n x n logits
+in a kernel that keeps its iterates for `sinkhorn_backward`; the writes mix the n streams of a tile
+(y'_j = sum_k H_jk y_k + h_post_j (out + e)); and the write's backward, which holds every g'_j,
+applies H_res^T to g' itself, so the read's backward gets one gradient stream per stream as for the
+diagonal (where the read's backward applies h_res instead).
 
 Every sum is in fp32 whatever the stream dtype, as in hyper.py, and so is every product but those of
 the W y projection and its gradients (TF32, see DOT); the results match the op-by-op site to that

@@ -17,8 +17,9 @@ times per mHC-S forward) costs accuracy. The combines are plain multiply-adds ov
 (`combine`), which autocast leaves in fp32 and torch.compile fuses into one pass. The streams are
 stored in the residual's dtype, or in bf16 between sites with `hc_bf16_streams` (the sums stay fp32).
 
-Training on CUDA runs a diagonal site (Hyperloop's) on the Triton kernels of fused_site.py, forward
-and backward, with the same math; this file is the reference they are tested against.
+Training on CUDA runs a diagonal (Hyperloop's) or Sinkhorn (mHC's) site on the Triton kernels of
+fused_site.py, forward and backward, with the same math; this file is the reference they are tested
+against.
 
 Initialisation (documented in ARCHITECTURE.md): with all streams equal (they start as copies),
 H_pre = 1/n makes H_pre y the plain residual stream (so does any H_pre summing to 1: with
@@ -147,7 +148,7 @@ class HyperConnection(nn.Module):
     def read(self, y: torch.Tensor, ahead=None):
         """Start a site: the branch input H_pre y and the coefficients to finish it with. The input is
         in the parameters' dtype, the residual stream's (bf16 streams still feed fp32 branches under
-        autocast). CUDA training of a diagonal site runs on the Triton kernels of fused_site.py;
+        autocast). CUDA training of a diagonal or Sinkhorn site runs on the Triton kernels of fused_site.py;
         everything else on `_read`. `ahead`: what the previous site's `write(..., next_site=self)`
         returned with y."""
         if self.fused(y):
