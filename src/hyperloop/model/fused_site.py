@@ -64,6 +64,7 @@ STATS = dict(BR=64, BC=64, num_warps=4, num_stages=3)
 STATS_WRITE = dict(BR=32, BC=64, num_warps=2, num_stages=3)  # with a site's write in front (write=...)
 STATS_WRITE_FULL = dict(BR=16, BC=64, num_warps=2, num_stages=3)  # the same with a full H_res (mHC): 422 us vs 966
 READ_BWD = dict(BR=64, BC=64, num_warps=4)
+WRITE_BWD = dict(BR=16, BC=128, num_warps=4)  # also with a full H_res: not swept for it yet
 READ_BWD_BROADCAST = dict(BR=32, BC=64, num_warps=4)  # the first site's: n stream gradients per tile
 ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
 DOT = "tf32"
@@ -513,14 +514,15 @@ class _Write(torch.autograd.Function):
         g_post = g.new_empty((R, n), dtype=torch.float32)
         g_out = torch.empty((R, C), dtype=out.dtype, device=out.device)
         e = embedding if embedding is not None else out
-        programs = triton.cdiv(R, 16)
+        BR, BC = WRITE_BWD["BR"], _cols(C, WRITE_BWD["BC"])
+        programs = triton.cdiv(R, BR)
         g_e = torch.empty((programs, C), dtype=torch.float32, device=out.device) if embedding is not None else g_out
         g_mixed = torch.empty(stream.shape, dtype=stream.dtype, device=g.device) if ctx.full else g
         _write_bwd_kernel[(programs,)](g, stream, out, e, h_post, h_res if ctx.full else h_post, g_res, g_post, g_out,
                                        g_e, g_mixed, R, g.stride(0), g.stride(1), g.stride(2), stream.stride(0),
                                        stream.stride(1), out.stride(0), C=C, N=n, NP=_np(n),
                                        HAS_E=embedding is not None, FULL=ctx.full, NRP=_np(n * n if ctx.full else n),
-                                       BR=16, BC=_cols(C))  # fmt: skip
+                                       BR=BR, BC=BC, num_warps=WRITE_BWD["num_warps"])  # fmt: skip
         g_e = None if embedding is None else g_e.sum(0).to(embedding.dtype)
         # g untouched: _Read.backward applies a diagonal h_res (module docstring); a full one is applied here
         return g_mixed, g_out, g_post, g_res, g_e, None, None
