@@ -414,7 +414,7 @@ def stats(y: torch.Tensor, w: torch.Tensor, dot: str | None = None,
 class _Read(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, alpha, eps, dtype, ahead, sinkhorn_iters):
-        # sinkhorn_iters: 0 for a diagonal H_res, else the iterations of a Sinkhorn one (mHC)
+        # sinkhorn_iters: None for a diagonal H_res, else the iterations of a Sinkhorn one (mHC)
         R, n, C = y.shape
         BC = _cols(C)
         w = weight.float().contiguous()
@@ -427,7 +427,7 @@ class _Read(torch.autograd.Function):
         else:
             u, ss = stats(src, w_src)
             ss = ss * n if ctx.broadcast else ss
-        full = sinkhorn_iters > 0
+        full = sinkhorn_iters is not None
         inv_rms, logits, s, a, h_pre, h_post, h_res = _compiled(_gates)(u, ss, alpha, bias, n, full, n * C, eps)
         iterates = h_res.new_empty(0)
         if full:
@@ -487,7 +487,7 @@ class _Write(torch.autograd.Function):
         BC = _cols(C)
         out = out if out.stride(-1) == 1 else out.contiguous()
         h_post = h_post.contiguous()
-        ctx.merged = merge is not None
+        ctx.merged, ctx.full = merge is not None, h_res.dim() == 3
         shape, dtype = ((R, C), merge) if ctx.merged else ((R, n, C), stream.dtype)
         y_new = torch.empty(shape, dtype=dtype, device=stream.device)
         u, ss = y_new.new_empty(0), y_new.new_empty(0)
@@ -498,8 +498,7 @@ class _Write(torch.autograd.Function):
             _write_kernel[(triton.cdiv(R, 32), C // BC)](stream, out, e, h_post, h_res, y_new, R, stream.stride(0),
                                                          stream.stride(1), out.stride(0), C=C, N=n,
                                                          HAS_E=embedding is not None, MERGE=ctx.merged,
-                                                         FULL=h_res.dim() == 3, BR=32, BC=BC)  # fmt: skip
-        ctx.full = h_res.dim() == 3
+                                                         FULL=ctx.full, BR=32, BC=BC)  # fmt: skip
         ctx.save_for_backward(stream, out, h_post, embedding, h_res if ctx.full else None)
         ctx.mark_non_differentiable(u, ss)  # their gradient is the next site's read's (the Ahead it gets)
         return y_new, u, ss
@@ -531,7 +530,7 @@ class _Write(torch.autograd.Function):
 def read(hc, y: torch.Tensor, eps: float, dtype: torch.dtype, ahead: Ahead | None = None):
     """HyperConnection.read on the kernels: the branch input (..., C) in `dtype` and the coefficients;
     `ahead`: the stats of y for this site, from the previous site's write."""
-    iters = hc.sinkhorn_iters if hc.h_res == "sinkhorn" else 0
+    iters = hc.sinkhorn_iters if hc.h_res == "sinkhorn" else None
     x, h_post, h_res, stream = _Read.apply(_rows(y), hc.weight, hc.bias, hc.alpha, eps, dtype, ahead, iters)
     return x.unflatten(0, y.shape[:-2]), Coefficients(h_post, h_res, stream)
 
