@@ -290,13 +290,18 @@ def _lse(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _matrix_tile(R, N: tl.constexpr, BR: tl.constexpr):
+    """Offsets and mask of this program's BR rows of an (R, n, n) tensor, as (BR, n, n) tiles."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    i = tl.arange(0, N)
+    return rows[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :], rows[:, None, None] < R
+
+
+@triton.jit
 def _sinkhorn_kernel(z, h, iterates, R, N: tl.constexpr, ITERS: tl.constexpr, BR: tl.constexpr):
     # hyper.sinkhorn on (R, n, n) logits z: ITERS row-then-column normalisations in the log domain, h = exp(L).
     # iterates (ITERS + 1, R, n, n) keeps L after each iteration (slot 0: z) for the backward.
-    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
-    i = tl.arange(0, N)
-    offs = rows[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
-    mask = rows[:, None, None] < R
+    offs, mask = _matrix_tile(R, N, BR)
     L = tl.load(z + offs, mask=mask, other=0.0)
     tl.store(iterates + offs, L, mask=mask)
     for t in range(1, ITERS + 1):
@@ -309,10 +314,7 @@ def _sinkhorn_kernel(z, h, iterates, R, N: tl.constexpr, ITERS: tl.constexpr, BR
 @triton.jit
 def _sinkhorn_bwd_kernel(iterates, g_h, g_z, R, N: tl.constexpr, ITERS: tl.constexpr, BR: tl.constexpr):
     # Each normalisation L' = L - lse(L) along an axis has the gradient g - exp(L') sum(g) along it.
-    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
-    i = tl.arange(0, N)
-    offs = rows[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
-    mask = rows[:, None, None] < R
+    offs, mask = _matrix_tile(R, N, BR)
     L = tl.load(iterates + ITERS * R * N * N + offs, mask=mask, other=0.0)
     g = tl.load(g_h + offs, mask=mask, other=0.0) * tl.exp(L)  # through h = exp(L)
     for back in range(ITERS):
