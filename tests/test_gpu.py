@@ -1,6 +1,6 @@
 """The CUDA fast paths (torch.compile, bf16 autocast, the chunked LM-head cross-entropy, the fused
-Hyperloop sites) against the eager fp32 reference: losses and gradients within bf16 tolerance.
-Skipped without a GPU."""
+Hyperloop and mHC sites) against the eager fp32 reference: losses and gradients within bf16
+tolerance. Skipped without a GPU."""
 
 from __future__ import annotations
 
