@@ -5,7 +5,7 @@ Used by `hyperloop bench train --profile` (optimizer steps) and `hyperloop bench
 kernel time and the number of kernels. Their ratio says how busy the GPU was; for a decode step,
 profiled without its CUDA graph, comparing the kernel time with the graphed step's time (which the
 caller puts in the title) shows how much of a step is latency between kernels rather than work.
-After the table come our own Triton kernels call by call (the fused Hyperloop sites').
+After the table come our own Triton kernels call by call (the fused hyper-connection sites').
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def profile_table(run: Callable[[], None], repeats: int, device: torch.device, p
     busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / repeats
     launches = sum(e.count for e in kernels) / repeats
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    # Our own Triton kernels (named _*_kernel, e.g. the fused Hyperloop sites'), call by call in launch
+    # Our own Triton kernels (named _*_kernel, e.g. the fused sites'), call by call in launch
     # order: the table's averages hide that the same kernel costs differently at different sites.
     calls: dict[str, list[str]] = {}
     for event in prof.events():
