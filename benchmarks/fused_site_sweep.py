@@ -3,7 +3,7 @@
 Times every (rows, columns, warps, stages) block at one shape with triton.testing.do_bench and prints
 the fastest next to the configured shape: the write + next-site-stats kernel (`_stats_kernel` with
 WRITE; configured in STATS_WRITE / STATS_WRITE_FULL) or the write's backward (`_write_bwd_kernel`,
-WRITE_BWD). Run it when a kernel or the GPU changes; the configured write+stats shapes come from this
+WRITE_BWD / WRITE_BWD_FULL). Run it when a kernel or the GPU changes; the configured write+stats shapes come from this
 sweep on an H100 at the S shape.
 
     python benchmarks/fused_site_sweep.py                          # write+stats, mHC's full H_res
@@ -66,22 +66,23 @@ def main() -> None:
         ctx = type("Ctx", (), {"saved_tensors": (y, out, h_post, None, h_res if full else None), "merged": False,
                                "full": full})()  # fmt: skip
         shapes = [(BR, BC, warps, stages) for BR, BC, warps, stages in
-                  itertools.product((4, 8, 16, 32), (32, 64, 128, 256), (1, 2, 4, 8), (1, 2))
-                  if 8192 >= BR * BC >= 32 * warps]  # fmt: skip
+                  itertools.product((8, 16, 32), (32, 64, 128), (2, 4, 8), (1, 3))
+                  if 4096 >= BR * BC >= 32 * warps]  # fmt: skip
 
         def launch(BR, BC, warps, stages):
             fs._write_bwd_kernel[(triton.cdiv(R, BR),)](
                 g, y, out, out, h_post, h_res if full else h_post, g_res, g_post, g_out, g_out, g_mixed, R,
                 g.stride(0), g.stride(1), g.stride(2), y.stride(0), y.stride(1), out.stride(0), C=C, N=n,
-                NP=triton.next_power_of_2(n),
-                HAS_E=False, FULL=full, NRP=triton.next_power_of_2(n * n if full else n), BR=BR, BC=BC, num_warps=warps, num_stages=stages,
+                NP=triton.next_power_of_2(n), HAS_E=False, FULL=full, BR=BR, BC=BC, num_warps=warps, num_stages=stages,
             )  # fmt: skip
 
     print(f"{args.kernel}, {args.h_res}: configured block shape {do_bench(configured) * 1e3:.0f} us", flush=True)
     results = []
+    print("us, (BR, BC, warps, stages):", flush=True)
     for shape in shapes:
         try:
             results.append((do_bench(partial(launch, *shape)) * 1e3, *shape))
+            print(f"  {results[-1][0]:.0f}  {shape}", flush=True)  # as it goes: a cut-off sweep still tells
         except Exception as e:  # noqa: BLE001 - shapes that need too much shared memory or registers
             print(f"skipped BR, BC, warps, stages = {shape}: {type(e).__name__}")
     results.sort()

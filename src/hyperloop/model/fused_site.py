@@ -64,7 +64,8 @@ STATS = dict(BR=64, BC=64, num_warps=4, num_stages=3)
 STATS_WRITE = dict(BR=32, BC=64, num_warps=2, num_stages=3)  # with a site's write in front (write=...)
 STATS_WRITE_FULL = dict(BR=16, BC=64, num_warps=2, num_stages=3)  # the same with a full H_res (mHC): 422 us vs 966
 READ_BWD = dict(BR=64, BC=64, num_warps=4)
-WRITE_BWD = dict(BR=16, BC=128, num_warps=4)  # also with a full H_res: not swept for it yet
+WRITE_BWD = dict(BR=16, BC=128, num_warps=4, num_stages=3)
+WRITE_BWD_FULL = dict(BR=8, BC=64, num_warps=4, num_stages=3)  # the same with a full H_res (mHC): 559 us vs 750 (H200)
 READ_BWD_BROADCAST = dict(BR=32, BC=64, num_warps=4)  # the first site's: n stream gradients per tile
 ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
 DOT = "tf32"
@@ -189,15 +190,18 @@ def _write_kernel(y, out, e, h_post, h_res, y_new, R, s_yr, s_yn, s_or, C: tl.co
 @triton.jit
 def _write_bwd_kernel(g, y, out, e, h_post, h_res, g_res, g_post, g_out, g_e, g_mixed, R, s_gr, s_gn, s_gc, s_yr,
                       s_yn, s_or, C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_E: tl.constexpr,
-                      FULL: tl.constexpr, NRP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+                      FULL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     # with HAS_E, g_e gets this program's column sums of g_out (the embedding's gradient, summed after);
-    # g_res: g'_j . y_j per stream, or FULL g'_j . y_k for every pair (NRP: n, or n * n, padded). FULL
-    # also writes g_mixed = H_res^T g' (the streams' gradient through the mixing), so that the read's
+    # g_res: g'_j . y_j per stream, or FULL (n a power of two) g'_j . y_k for every pair. FULL also
+    # writes g_mixed = H_res^T g' (the streams' gradient through the mixing), so that the read's
     # backward takes one gradient stream per stream instead of n.
     rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
     rmask = rows < R
-    js, ks = tl.arange(0, NP), tl.arange(0, NRP)
-    acc_res = tl.zeros((BR, NRP), tl.float32)
+    js = tl.arange(0, NP)
+    if FULL:
+        acc_res = tl.zeros((BR, N, N), tl.float32)
+    else:
+        acc_res = tl.zeros((BR, NP), tl.float32)
     acc_post = tl.zeros((BR, NP), tl.float32)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
@@ -206,17 +210,18 @@ def _write_bwd_kernel(g, y, out, e, h_post, h_res, g_res, g_post, g_out, g_e, g_
             o += tl.load(e + cols).to(tl.float32)[None, :]
         go = tl.zeros((BR, BC), tl.float32)
         if FULL:
-            gm = tl.zeros((BR, NP, BC), tl.float32)
+            y3 = _streams(y, rows, rmask, cols, s_yr, s_yn, N)
+            gm = tl.zeros((BR, N, BC), tl.float32)
         for j in tl.static_range(N):
             gv = tl.load(g + rows[:, None] * s_gr + j * s_gn + cols[None, :] * s_gc, mask=rmask[:, None], other=0.0)
             gv = gv.to(tl.float32)
-            if FULL:  # g_mixed_k += H[j, k] g'_j
+            if FULL:  # g_res[j, k] += g'_j . y_k; g_mixed_k += H[j, k] g'_j
+                acc_res += tl.where(js[None, :, None] == j, tl.sum(gv[:, None, :] * y3, axis=2)[:, None, :], 0.0)
                 hj = tl.load(h_res + rows[:, None] * (N * N) + j * N + js[None, :], mask=rmask[:, None], other=0.0)
                 gm += hj[:, :, None] * gv[:, None, :]
-            for k in tl.static_range(N if FULL else 1):
-                yv = tl.load(y + rows[:, None] * s_yr + (k if FULL else j) * s_yn + cols[None, :], mask=rmask[:, None],
-                             other=0.0).to(tl.float32)  # fmt: skip
-                acc_res += tl.where(ks[None, :] == (j * N + k if FULL else j), tl.sum(gv * yv, axis=1)[:, None], 0.0)
+            else:
+                yv = tl.load(y + rows[:, None] * s_yr + j * s_yn + cols[None, :], mask=rmask[:, None], other=0.0)
+                acc_res += tl.where(js[None, :] == j, tl.sum(gv * yv.to(tl.float32), axis=1)[:, None], 0.0)
             acc_post += tl.where(js[None, :] == j, tl.sum(gv * o, axis=1)[:, None], 0.0)
             go += tl.load(h_post + rows * N + j, mask=rmask, other=0.0)[:, None] * gv
         tl.store(g_out + rows[:, None] * C + cols[None, :], go.to(g_out.dtype.element_ty), mask=rmask[:, None])
@@ -225,8 +230,11 @@ def _write_bwd_kernel(g, y, out, e, h_post, h_res, g_res, g_post, g_out, g_e, g_
             tl.store(g_mixed + offs, gm.to(g_mixed.dtype.element_ty), mask=rmask[:, None, None])
         if HAS_E:
             tl.store(g_e + tl.program_id(0) * C + cols, tl.sum(go, axis=0))
-    NR: tl.constexpr = N * N if FULL else N
-    tl.store(g_res + rows[:, None] * NR + ks[None, :], acc_res, mask=rmask[:, None] & (ks[None, :] < NR))
+    if FULL:
+        offs = rows[:, None, None] * (N * N) + js[None, :, None] * N + js[None, None, :]
+        tl.store(g_res + offs, acc_res, mask=rmask[:, None, None])
+    else:
+        tl.store(g_res + rows[:, None] * N + js[None, :], acc_res, mask=rmask[:, None] & (js[None, :] < N))
     tl.store(g_post + rows[:, None] * N + js[None, :], acc_post, mask=rmask[:, None] & (js[None, :] < N))
 
 
@@ -249,11 +257,11 @@ def _read_reduce_kernel(gx, y, g_pre, R, s_xr, s_yr, s_yn, C: tl.constexpr, N: t
 @triton.jit
 def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_group, scale, s_gr, s_gn, s_gc,
                      s_yr, s_yn, s_xr, C: tl.constexpr, N: tl.constexpr, NG: tl.constexpr, NH: tl.constexpr,
-                     P: tl.constexpr, PP: tl.constexpr, HAS_G: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                     DOT: tl.constexpr):  # fmt: skip
+                     P: tl.constexpr, PP: tl.constexpr, HAS_G: tl.constexpr, MIXED: tl.constexpr, BR: tl.constexpr,
+                     BC: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
     # N streams in y (1 for a broadcast input); each gathers h_res g' over NG of the NH = n streams of g
     # (1, its own; n for a broadcast input, whose one stream stands for all n). h_res: the diagonal
-    # H_res, or ones where g is H_res^T g' already (a full H_res, applied by the write's backward)
+    # H_res; MIXED: g is H_res^T g' already (a full H_res, applied by the write's backward), h_res unread
     chunk, group = tl.program_id(0), tl.program_id(1)  # chunk: BC columns of one stream
     # the stream varies fastest: the N programs that read the same gx tile run side by side (L2 hits)
     j = chunk % N
@@ -277,7 +285,10 @@ def _read_bwd_kernel(g, y, gx, h_pre, h_res, gu, gss, w, gy, gw, R, rows_per_gro
         if HAS_G:
             for k in tl.static_range(NG):
                 gv = tl.load(g + rows[:, None] * s_gr + (j + k) * s_gn + cols[None, :] * s_gc, mask=m2, other=0.0)
-                acc += tl.load(h_res + rows * NH + j + k, mask=rmask, other=0.0)[:, None] * gv.to(tl.float32)
+                if MIXED:
+                    acc += gv.to(tl.float32)
+                else:
+                    acc += tl.load(h_res + rows * NH + j + k, mask=rmask, other=0.0)[:, None] * gv.to(tl.float32)
         tl.store(gy + rows[:, None] * (N * C) + j * C + cols[None, :], (acc * scale).to(gy.dtype.element_ty), mask=m2)
         acc_w = tl.dot(tl.trans(guv), yv, acc_w, input_precision=DOT)
     tl.store(gw + group * (P * N * C) + ps[:, None] * (N * C) + j * C + cols[None, :], acc_w, mask=pmask[:, None])
@@ -469,13 +480,12 @@ class _Read(torch.autograd.Function):
         gw = y.new_empty((groups, P, ny * C), dtype=torch.float32)
         has_g = g_stream is not None
         g = g_stream if has_g else gy  # any tensor: not read when HAS_G is off
-        mix = h_res.new_ones((R, n)) if full else h_res  # a full H_res is applied already (_Write.backward)
         # A broadcast input gets the sum over its n copies, returned as n copies of 1/n of it (which
         # autograd sums back: exact for n a power of two, else to fp32 rounding).
         _read_bwd_kernel[(ny * C // BC, groups)](
-            g, y, gx, h_pre, mix, g_u, g_ss * copies, w, gy, gw, R, rows_per_group, 1 / copies, g.stride(0),
+            g, y, gx, h_pre, h_res, g_u, g_ss * copies, w, gy, gw, R, rows_per_group, 1 / copies, g.stride(0),
             g.stride(1), g.stride(2), y.stride(0), y.stride(1), gx.stride(0), C=C, N=ny, NG=copies, NH=n, P=P,
-            PP=max(16, _np(P)), HAS_G=has_g, BR=BR, BC=BC, DOT=DOT, num_warps=blocks["num_warps"],
+            PP=max(16, _np(P)), HAS_G=has_g, MIXED=full, BR=BR, BC=BC, DOT=DOT, num_warps=blocks["num_warps"],
         )  # fmt: skip
         gw = gw.sum(0).repeat(1, copies)  # broadcast: each W_j saw the same stream
         w_dtype, b_dtype, a_dtype = ctx.dtypes
@@ -515,15 +525,16 @@ class _Write(torch.autograd.Function):
         g_post = g.new_empty((R, n), dtype=torch.float32)
         g_out = torch.empty((R, C), dtype=out.dtype, device=out.device)
         e = embedding if embedding is not None else out
-        BR, BC = WRITE_BWD["BR"], _cols(C, WRITE_BWD["BC"])
+        blocks = WRITE_BWD_FULL if ctx.full else WRITE_BWD
+        BR, BC = blocks["BR"], _cols(C, blocks["BC"])
         programs = triton.cdiv(R, BR)
         g_e = torch.empty((programs, C), dtype=torch.float32, device=out.device) if embedding is not None else g_out
         g_mixed = torch.empty(stream.shape, dtype=stream.dtype, device=g.device) if ctx.full else g
         _write_bwd_kernel[(programs,)](g, stream, out, e, h_post, h_res if ctx.full else h_post, g_res, g_post, g_out,
                                        g_e, g_mixed, R, g.stride(0), g.stride(1), g.stride(2), stream.stride(0),
                                        stream.stride(1), out.stride(0), C=C, N=n, NP=_np(n),
-                                       HAS_E=embedding is not None, FULL=ctx.full, NRP=_np(n * n if ctx.full else n),
-                                       BR=BR, BC=BC, num_warps=WRITE_BWD["num_warps"])  # fmt: skip
+                                       HAS_E=embedding is not None, FULL=ctx.full, BR=BR, BC=BC,
+                                       num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])  # fmt: skip
         g_e = None if embedding is None else g_e.sum(0).to(embedding.dtype)
         # g untouched: _Read.backward applies a diagonal h_res (module docstring); a full one is applied here
         return g_mixed, g_out, g_post, g_res, g_e, None, None
