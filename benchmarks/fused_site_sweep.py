@@ -3,8 +3,8 @@
 Times every (rows, columns, warps, stages) block at one shape with triton.testing.do_bench and prints
 the fastest next to the configured shape: the write + next-site-stats kernel (`_stats_kernel` with
 WRITE; configured in STATS_WRITE / STATS_WRITE_FULL) or the write's backward (`_write_bwd_kernel`,
-WRITE_BWD / WRITE_BWD_FULL). Run it when a kernel or the GPU changes; the configured write+stats shapes come from this
-sweep on an H100 at the S shape.
+WRITE_BWD / WRITE_BWD_FULL). Run it when a kernel or the GPU changes; the configured shapes with a
+full H_res come from this sweep at the S shape (write+stats on an H100, the write backward on an H200).
 
     python benchmarks/fused_site_sweep.py                          # write+stats, mHC's full H_res
     python benchmarks/fused_site_sweep.py --h-res diagonal         # Hyperloop's

@@ -65,7 +65,7 @@ STATS_WRITE = dict(BR=32, BC=64, num_warps=2, num_stages=3)  # with a site's wri
 STATS_WRITE_FULL = dict(BR=16, BC=64, num_warps=2, num_stages=3)  # the same with a full H_res (mHC): 422 us vs 966
 READ_BWD = dict(BR=64, BC=64, num_warps=4)
 WRITE_BWD = dict(BR=16, BC=128, num_warps=4, num_stages=3)
-WRITE_BWD_FULL = dict(BR=8, BC=64, num_warps=4, num_stages=3)  # the same with a full H_res (mHC): 559 us vs 750 (H200)
+WRITE_BWD_FULL = dict(BR=8, BC=64, num_warps=4, num_stages=3)  # with a full H_res (mHC): 559 us vs 750, H200
 READ_BWD_BROADCAST = dict(BR=32, BC=64, num_warps=4)  # the first site's: n stream gradients per tile
 ROW_GROUPS = 16  # programs along the rows in the backward kernel (each sums its part of gW)
 DOT = "tf32"
@@ -94,7 +94,8 @@ def _cols(dim: int, most: int = 128) -> int:
 @triton.jit
 def _streams(y, rows, rmask, cols, s_yr, s_yn, N: tl.constexpr):
     """The n streams of the (rows, cols) tile as one (rows, n, cols) fp32 tile, for a FULL H_res:
-    each stream is read once for the n mixed ones (a diagonal _mixed reads them one at a time)."""
+    each stream is read once for the n mixed ones, or for its products with every g'_j in the write's
+    backward (a diagonal H_res reads them one at a time)."""
     ks = tl.arange(0, N)
     offs = rows[:, None, None] * s_yr + ks[None, :, None] * s_yn + cols[None, None, :]
     return tl.load(y + offs, mask=rmask[:, None, None], other=0.0).to(tl.float32)
