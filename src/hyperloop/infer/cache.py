@@ -6,8 +6,10 @@ sees a different input, so each needs its own keys and values: the slot of an ex
 end layers), as in Huginn's per-(layer, iteration) cache (reference-notes section 4).
 
 Everything is preallocated with fixed shapes - per slot (B, H, T_max, D) keys and values, a 0-d
-column counter, per-row padding - and every step attends over all T_max columns under a mask, so a
-decode step has the same shapes every time and can be captured once as a CUDA graph. Each slot is a
+column counter, per-row padding - and every step attends over all T_max columns under a mask (SDPA),
+or, for one new token per row on CUDA, in a kernel that reads the column counter on the device and
+skips the empty columns (decode_attention.py); either way a decode step launches the same kernels
+every time and can be captured once as a CUDA graph. Each slot is a
 tensor of its own, written with an indexed assignment: torch.compile turns that into an in-place
 write of the new column, whereas writing into a view of one (slots, ...) tensor made it copy every
 slot, for every layer, at every step.
@@ -23,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from hyperloop.model import HyperloopLM
+from hyperloop.model.hyper import HAS_TRITON
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 class KVCache:
@@ -44,6 +51,9 @@ class KVCache:
         self.key_columns = torch.arange(max_len, device=device)
         # Early exit: rows whose keys/values may still be written this step (None = all rows).
         self.write_rows: torch.Tensor | None = None
+        # One new token per row on CUDA: our decode-attention kernel, which visits only the columns
+        # written so far (decode_attention.py), instead of SDPA over all T_max under the mask.
+        self.decode_kernel = HAS_TRITON
         self._columns = self._mask = self.positions = None
 
     @classmethod
@@ -91,7 +101,7 @@ class KVCache:
         self.column += T
 
     def attend(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write this execution's new keys/values into its slot, then attend over the whole slot."""
+        """Write this execution's new keys/values into its slot, then attend over the slot's columns."""
         k_all, v_all = self.k[slot], self.v[slot]
         if self.write_rows is not None:  # rows that exited keep the K/V written at their exit
             keep = ~self.write_rows.view(-1, 1, 1, 1)
@@ -99,6 +109,10 @@ class KVCache:
             v = torch.where(keep, v_all[:, :, self._columns], v)
         k_all[:, :, self._columns] = k
         v_all[:, :, self._columns] = v
+        if self.decode_kernel and q.shape[2] == 1 and q.is_cuda and is_power_of_two(q.shape[3]):
+            from hyperloop.infer.decode_attention import decode_attention
+
+            return decode_attention(q, k_all, v_all, self.pad, self.column)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask)
 
     def copy_forward(self, rows: torch.Tensor, source: list[int], targets: list[int]) -> None:
