@@ -6,13 +6,13 @@ sees a different input, so each needs its own keys and values: the slot of an ex
 end layers), as in Huginn's per-(layer, iteration) cache (reference-notes section 4).
 
 Everything is preallocated with fixed shapes - per slot (B, H, T_max, D) keys and values, a 0-d
-column counter, per-row padding - and every step attends over all T_max columns under a mask (SDPA),
-or, for one new token per row on CUDA, in a kernel that reads the column counter on the device and
-skips the empty columns (decode_attention.py); either way a decode step launches the same kernels
-every time and can be captured once as a CUDA graph. Each slot is a
-tensor of its own, written with an indexed assignment: torch.compile turns that into an in-place
-write of the new column, whereas writing into a view of one (slots, ...) tensor made it copy every
-slot, for every layer, at every step.
+column counter, per-row padding - and a step attends over all T_max columns under a mask (SDPA) or,
+for one new token per row on CUDA, in a kernel that reads the column counter on the device and skips
+the empty columns (decode_attention.py). Either way a decode step launches the same kernels every
+time and can be captured once as a CUDA graph. Each slot is a tensor of its own, written with an
+indexed assignment: torch.compile turns that into an in-place write of the new column, whereas
+writing into a view of one (slots, ...) tensor made it copy every slot, for every layer, at every
+step.
 
 Batches of prompts of different lengths are *left*-padded: row b's prompt occupies columns
 pad[b] .. L-1, so all rows write the same column at each step and one counter serves the batch.
