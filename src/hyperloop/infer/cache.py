@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from hyperloop.model import HyperloopLM
-from hyperloop.model.hyper import HAS_TRITON
+from hyperloop.model.hyper import HAS_TRITON, is_power_of_two
 
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+if HAS_TRITON:
+    from hyperloop.infer.decode_attention import decode_attention
 
 
 class KVCache:
@@ -110,8 +109,6 @@ class KVCache:
         k_all[:, :, self._columns] = k
         v_all[:, :, self._columns] = v
         if self.decode_kernel and q.shape[2] == 1 and q.is_cuda and is_power_of_two(q.shape[3]):
-            from hyperloop.infer.decode_attention import decode_attention
-
             return decode_attention(q, k_all, v_all, self.pad, self.column)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask)
 

@@ -48,6 +48,10 @@ OWN_PRE_WEIGHT = 0.7  # H_pre of a site's own stream at init when it reads one s
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """exp(logits) projected towards the doubly stochastic matrices by alternating row and column
     normalisation, done in the log domain so large logits cannot overflow. Ends on columns."""
@@ -175,7 +179,7 @@ class HyperConnection(nn.Module):
     def fused(self, y: torch.Tensor) -> bool:
         # Not while torch.compile traces: dynamo then sees `_read`, which it compiles as a whole.
         # A Sinkhorn H_res needs n a power of two (its kernel holds n x n tiles).
-        sinkhorn_ok = self.h_res == "sinkhorn" and self.n & (self.n - 1) == 0
+        sinkhorn_ok = self.h_res == "sinkhorn" and is_power_of_two(self.n)
         return (HAS_TRITON and y.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and (self.h_res == "diagonal" or sinkhorn_ok) and self.dim % 16 == 0)  # fmt: skip
 
