@@ -4,6 +4,8 @@ tolerance. Skipped without a GPU."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -298,3 +300,33 @@ def test_graphed_early_exit_matches_eager(exits):
     for (want_logits, want_loops), (got_logits, got_loops) in zip(want, got, strict=True):
         assert torch.equal(got_loops, want_loops)
         assert _rel(got_logits, want_logits) < 1e-2
+
+
+def test_a_graph_the_collector_frees_during_a_capture_does_not_break_it():
+    """An earlier decoder, dropped, keeps its CUDA graph in a reference cycle until Python's collector
+    frees it; freed in the middle of the next decoder's capture, it made that capture fail
+    (pytorch/pytorch#161037). The decoder collects before recording and pauses the collector while
+    it records. Here a hook plays the automatic collector: mid-capture, it collects if it may."""
+    from hyperloop.infer.bench import build_model
+    from hyperloop.infer.decoder import Decoder
+
+    cfg = get_preset("transformer-xs").replace(vocab_size=512, max_seq_len=128)
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=False)
+    prompts = torch.randint(1, cfg.vocab_size, (2, 8)).tolist()
+    fed = torch.randint(1, cfg.vocab_size, (3, 2), device="cuda")
+
+    def collect_mid_capture(module, args):
+        if torch.cuda.is_current_stream_capturing() and gc.isenabled():
+            gc.collect()
+
+    hook = model.lm_head.register_forward_pre_hook(collect_mid_capture)
+    outputs = []
+    try:
+        for _ in range(2):  # the second capture meets the first decoder's graph, dead in its cycle
+            decoder = Decoder(model, 2, 16)
+            decoder.prefill(prompts)
+            outputs.append(torch.stack([decoder.step(tokens)[0] for tokens in fed]))
+            del decoder
+    finally:
+        hook.remove()
+    assert _rel(outputs[1], outputs[0]) < 1e-3

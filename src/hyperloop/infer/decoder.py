@@ -14,6 +14,9 @@ runs eagerly.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import torch
 
 from hyperloop.config import ModelConfig
@@ -52,6 +55,24 @@ def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tens
         tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
     pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
     return tokens.to(device), pad.to(device)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Keep Python's cyclic garbage collector from running while a CUDA graph is recorded. A dead
+    decoder of an earlier batch holds its graph in a reference cycle (itself -> its bound step), so
+    only the collector frees it, whenever an allocation happens to trigger it; destroying a graph
+    mid-capture is an operation the capture forbids, and it fails at the next kernel with an unrelated
+    error (CUBLAS_STATUS_EXECUTION_FAILED). torch.cuda.graph stopped collecting before each capture
+    in PyTorch 2.9 (pytorch/pytorch#161037), so we collect here, then pause the collector."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Decoder:
@@ -167,7 +188,7 @@ class Decoder:
     def _capture(self) -> None:
         self._warm_up(lambda: self._decode(self._tokens))
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        with collector_paused(), torch.cuda.graph(self._graph):
             self._logits = self._decode(self._tokens)
 
     def _replay_exit(self, tokens: torch.Tensor, finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,19 +216,20 @@ class Decoder:
         pool = torch.cuda.graph_pool_handle()
         self._loop_graphs = [torch.cuda.CUDAGraph() for _ in range(self.num_loops)]
         recording = [torch.cuda.graph(self._loop_graphs[0], pool=pool)]
-        recording[0].__enter__()
 
         def next_graph() -> None:
             recording[-1].__exit__(None, None, None)
             recording.append(torch.cuda.graph(self._loop_graphs[len(recording)], pool=pool))
             recording[-1].__enter__()
 
-        self.early_exit.segment_end = next_graph
-        try:
-            self._logits = self._exit_forward(self._tokens, self._finished)
-        finally:
-            self.early_exit.segment_end = None
-            recording[-1].__exit__(None, None, None)
+        with collector_paused():
+            recording[0].__enter__()
+            self.early_exit.segment_end = next_graph
+            try:
+                self._logits = self._exit_forward(self._tokens, self._finished)
+            finally:
+                self.early_exit.segment_end = None
+                recording[-1].__exit__(None, None, None)
 
 
 class FullRecompute:
