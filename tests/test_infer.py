@@ -113,6 +113,26 @@ def test_cuda_graph_step_equals_eager_step(compile):
     assert graph.cuda_graph and graph._graph is not None
 
 
+def test_compiled_decoders_of_many_shapes_run_in_one_process(monkeypatch):
+    """Each compiled decoder compiles the same step function for its own (batch, cache length), and
+    dynamo caps the versions of a function (8 by default, fatal under fullgraph), which a process
+    serving many request shapes would pass. With the cap at 1, decoders of three shapes still run and
+    match uncompiled ones; cache lengths are rounded up to 256 columns (at most the context), so
+    requests of similar lengths share a version. Dynamo's eager backend: the cap is dynamo's."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **kw, backend="eager"))
+    torch._dynamo.reset()
+    model = randomized(small("transformer", max_seq_len=300)).eval()
+    for batch, max_len, cache_len in [(1, 16, 256), (2, 16, 256), (1, 280, 300)]:
+        compiled, plain = Decoder(model, batch, max_len, compile=True), Decoder(model, batch, max_len)
+        assert compiled.cache.max_len == cache_len and plain.cache.max_len == max_len
+        prompts = PROMPTS[:batch]
+        torch.testing.assert_close(compiled.prefill(prompts), plain.prefill(prompts))
+        tokens = torch.tensor([3] * batch)
+        torch.testing.assert_close(compiled.step(tokens)[0], plain.step(tokens)[0], atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- early exit
 def reference_exit_greedy(model, prompt, new_tokens, threshold, loops, confidences=None):
     """Greedy decoding with per-token early exit, written from the definitions: one token at a time,

@@ -69,8 +69,6 @@ def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: in
     device = model.embed.weight.device
     prompts = random_prompts(model.cfg.vocab_size, batch, prompt_len).tolist()
     _reset_memory(device)
-    if compile:  # each row compiles its own step: without this, dynamo's recompile limit (8 per
-        torch.compiler.reset()  # function) is hit a few rows into a table, and fullgraph makes that fatal
     decoder = Decoder(model, batch, prompt_len + new_tokens - 1, num_loops=num_loops,
                       exit_threshold=exit_threshold, compile=compile)  # fmt: skip
 

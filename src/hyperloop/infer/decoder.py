@@ -27,6 +27,14 @@ from hyperloop.model import HyperloopLM
 from hyperloop.quant.linear import QuantLinear
 
 WARMUP_STEPS = 3  # before capture: torch.compile compiles and autotunes, cuBLAS picks its kernels
+# A compiled step is specialised to the cache's shape, so a cache sized to each request would compile
+# again for every new prompt length: a compiled decoder's cache is rounded up to a multiple of this many
+# columns (on CUDA a decode step visits only the filled ones, so the rounding costs memory, not time).
+COMPILED_CACHE_MULTIPLE = 256
+# Every decoder compiles the same step function for its own shapes (or model), and dynamo caps the
+# versions of one function (8 by default, fatal under fullgraph): a long-lived process serving requests
+# of many shapes would stop at the ninth. The compiled step raises the cap to this.
+COMPILED_VERSIONS = 256
 
 
 def synchronize(device: torch.device) -> None:
@@ -86,7 +94,10 @@ class Decoder:
                                  f"{cfg.max_seq_len}; shorten the prompt or lower --max-new-tokens")  # fmt: skip
         self.model, self.max_len = model, max_len
         self.num_loops = resolve_loops(cfg, num_loops)
-        self.cache = KVCache.for_model(model, batch, max_len, self.num_loops)
+        cache_len = max_len
+        if compile:
+            cache_len = min(cfg.max_seq_len, -(-max_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE)
+        self.cache = KVCache.for_model(model, batch, cache_len, self.num_loops)
         self.early_exit = None
         if exit_threshold is not None:
             self.early_exit = EarlyExit(model, self.cache, exit_threshold, self.num_loops)
@@ -97,7 +108,13 @@ class Decoder:
             for module in model.modules():
                 if isinstance(module, QuantLinear):
                     module.prepare_kernel()
-            self._decode = torch.compile(self._run, fullgraph=True, dynamic=False)
+            compiled = torch.compile(self._run, fullgraph=True, dynamic=False)
+
+            def decode(tokens: torch.Tensor) -> torch.Tensor:
+                with torch._dynamo.config.patch(recompile_limit=COMPILED_VERSIONS):
+                    return compiled(tokens)
+
+            self._decode = decode
         self._graph: torch.cuda.CUDAGraph | None = None
         self._loop_graphs: list[torch.cuda.CUDAGraph] = []  # early exit: one graph per loop
         self.length = 0  # columns filled (a Python mirror of cache.column, to check capacity without a sync)
