@@ -4,8 +4,10 @@ exit with copy-forward of skipped loops, sampling, the CLI and its one-line erro
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from collections import defaultdict
 
 import pytest
@@ -19,6 +21,7 @@ from hyperloop.data import demo_tokenizer_path
 from hyperloop.data.tokenizer import load_tokenizer
 from hyperloop.errors import HyperloopError
 from hyperloop.infer import Decoder, GenerationConfig, Sampling, generate
+from hyperloop.infer.decoder import collector_paused
 from hyperloop.infer.sampling import filter_logits
 from hyperloop.infer.tradeoff import decode_perplexity
 from hyperloop.model import HyperloopLM
@@ -111,6 +114,31 @@ def test_cuda_graph_step_equals_eager_step(compile):
         tokens = a.argmax(dim=-1)
         a, b = eager.step(tokens)[0], graph.step(tokens)[0]
     assert graph.cuda_graph and graph._graph is not None
+
+
+def test_recording_pauses_the_collector_and_restores_it():
+    """A CUDA graph is recorded inside collector_paused (tests/test_gpu.py has the failure it prevents):
+    dead reference cycles are collected on entry, the collector is off inside, and afterwards it is
+    as it was before, enabled or not, also when the recording raises."""
+
+    class Node:
+        pass
+
+    was_enabled = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            node = Node()
+            node.me, dead = node, weakref.ref(node)
+            del node
+            with collector_paused():
+                assert dead() is None and not gc.isenabled()
+            assert gc.isenabled() == enabled
+            with pytest.raises(RuntimeError), collector_paused():
+                raise RuntimeError("the recording failed")
+            assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
 
 
 def test_compiled_decoders_of_many_shapes_run_in_one_process(monkeypatch):
