@@ -4,8 +4,9 @@ Sections (--sections, default: decode and quant-time, plus ppl when --ckpt is gi
   decode      tokens/s of greedy decoding at batch 1 (KV cache + CUDA graph: hyperloop.infer's Decoder)
               of random-weight models in bf16 and with RTN int4 linears, and the int4 kernel's output
               against the dequantize-then-matmul reference on the same model.
-  kernels     (CUDA) every linear shape of --presets at one row: bf16 cuBLAS against tinygemm, each
-              timed over distinct weights (more than L2 holds) inside a CUDA graph, without launch cost.
+  kernels     (CUDA) every linear shape of --presets at one row: bf16 cuBLAS against tinygemm and our
+              GEMV (hyperloop.quant.gemv, where it builds), each timed over distinct weights (more than
+              L2 holds) inside a CUDA graph, without launch cost.
   layer-error one RTN-quantized (1024 x 1024) linear: the int4 kernel (tinygemm; its CPU build without
               a GPU) against dequantize-then-matmul in fp32, next to the two roundings it contains:
               the weights rounded to bf16 (what the dequantize path in bf16 does too) and the grid
@@ -161,9 +162,10 @@ def graphed_us(calls: list) -> float:
 
 @torch.no_grad()
 def kernel_row(in_f: int, out_f: int, group_size: int, device: torch.device) -> dict:
-    """One linear shape at batch 1: bf16 cuBLAS against tinygemm, the ceiling of what int4 can
-    take off the matmuls of a decode step."""
-    from hyperloop.quant.linear import int4_tinygemm_weight, tinygemm_scales_and_zeros
+    """One linear shape at batch 1: bf16 cuBLAS against tinygemm and our GEMV, the ceiling of what
+    int4 can take off the matmuls of a decode step."""
+    from hyperloop.quant import gemv
+    from hyperloop.quant.linear import int4_tinygemm_weight, pack_rows, tinygemm_scales_and_zeros
 
     copies = max(4, (256 << 20) // (in_f * out_f // 2))  # 256 MB of int4 weights: far beyond L2
     q = rtn(torch.randn(out_f, in_f) * 0.02, bits=4, group_size=group_size)
@@ -177,7 +179,15 @@ def kernel_row(in_f: int, out_f: int, group_size: int, device: torch.device) -> 
                                      for w, sz in tiny])  # fmt: skip
     row["speedup"] = row["bf16_us"] / row["tinygemm_us"]
     row["tinygemm_gb_s"] = row["int4_mb"] * 2**20 / row["tinygemm_us"] / 1e3
-    print(f"{row['shape']:>10}: bf16 {row['bf16_us']:.2f} us, tinygemm {row['tinygemm_us']:.2f} us", file=sys.stderr)
+    del tiny
+    if gemv.available(in_f):
+        packed, split = pack_rows(q.codes.T, 4).to(device), gemv.split_for(in_f, out_f)
+        ops = [gemv.operands(packed, q.scales, q.zeros) for _ in range(copies)]
+        row["gemv_us"] = graphed_us([lambda w=w, g=g: gemv.int4_gemv(x[0], w, g, group_size, split) for w, g in ops])
+        row["gemv_vs_tinygemm"] = row["tinygemm_us"] / row["gemv_us"]
+        row["gemv_gb_s"] = row["int4_mb"] * 2**20 / row["gemv_us"] / 1e3
+    print(f"{row['shape']:>10}: bf16 {row['bf16_us']:.2f} us, tinygemm {row['tinygemm_us']:.2f} us, "
+          f"GEMV {row.get('gemv_us', float('nan')):.2f} us", file=sys.stderr)  # fmt: skip
     return row
 
 
@@ -286,7 +296,8 @@ COLUMNS = {
                ("int4_model_gb", "int4 GB"), ("int4_head_model_gb", "int4 + head GB"),
                ("kernel_vs_dequant_rel_error", "kernel rel. err")],
     "kernels": [("shape", "in x out"), ("int4_mb", "int4 MB"), ("bf16_us", "bf16 cuBLAS us"),
-                ("tinygemm_us", "tinygemm us"), ("speedup", "speedup"), ("tinygemm_gb_s", "tinygemm GB/s")],
+                ("tinygemm_us", "tinygemm us"), ("speedup", "speedup"), ("tinygemm_gb_s", "tinygemm GB/s"),
+                ("gemv_us", "our GEMV us"), ("gemv_vs_tinygemm", "GEMV vs tinygemm"), ("gemv_gb_s", "GEMV GB/s")],
     "layer-error": [("shape", "weight"), ("group_size", "group"), ("kernel", "kernel"),
                     ("kernel_vs_dequant", "kernel vs dequant (fp32)"), ("bf16_weights", "bf16 weights alone"),
                     ("bf16_grid", "bf16 grid alone")],
@@ -299,7 +310,7 @@ COLUMNS = {
 }  # fmt: skip
 TITLES = {
     "decode": "Decode speed at batch 1 (greedy, KV cache), random weights, RTN int4 linears",
-    "kernels": "One linear at batch 1: bf16 cuBLAS against int4 tinygemm (calls captured in a CUDA graph)",
+    "kernels": "One linear at batch 1: bf16 cuBLAS against int4 tinygemm and our GEMV (calls captured in a CUDA graph)",
     "layer-error": "One linear layer: int4 kernel against dequantize-then-matmul (relative output error)",
     "quant-time": "GPTQ wall time",
     "ppl": "Validation perplexity after INT4 (trained checkpoints)",

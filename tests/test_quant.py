@@ -306,8 +306,50 @@ def test_cuda_kernel_matches_dequantize_path(act_order):
     fast = layer(x)
     layer.use_kernel = False
     reference = layer(x)
-    assert layer._kernel_cache is not None  # the first call really went through tinygemm
+    assert "tinygemm" in layer._operands  # the first call really went through tinygemm
     assert ((fast.float() - reference.float()).norm() / reference.float().norm()) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the int4 GEMV needs CUDA")
+@pytest.mark.parametrize(("out_features", "in_features", "group_size", "act_order"), [
+    (264, 512, 128, False), (264, 512, 128, True),  # 264 rows: a block's 16 rows do not divide them
+    (1024, 2816, 128, False),  # few rows, long rows: K split over 4 warps
+    (512, 1024, 32, False), (256, 1024, 256, True),
+])  # fmt: skip
+def test_cuda_one_row_gemv_matches_dequantize_path(out_features, in_features, group_size, act_order):
+    from hyperloop.quant import gemv
+
+    if not gemv.available(in_features):
+        pytest.skip("the GEMV did not build here (no CUDA toolkit)")
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(5)) * 0.05
+    hessian = hessian_of(correlated_inputs(2 * in_features, in_features))
+    q = gptq(weight, hessian, bits=4, group_size=group_size, act_order=act_order)
+    layer = QuantLinear.from_quantized(q.weight).cuda()
+    x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16) * 3
+    fast = layer(x)
+    assert "gemv" in layer._operands and fast.shape == (1, 1, out_features)
+    reference = x.double() @ layer.dequantize(torch.float64).T  # the exact dequantized weight
+    assert ((fast.double() - reference).norm() / reference.norm()) < 5e-3
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gemv_operands_hold_the_dequantized_weight(act_order):
+    """gemv.cu's layout, read back the way the kernel reads it (in float64, on the CPU): code k of row
+    n in bits 4(k % 8) of words[n, k // 8], and a group's (scale, 1024 + zero) in grid, give the
+    stored weight, its columns in the order the layer gathers x."""
+    from hyperloop.quant import gemv
+
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(6)) * 0.05
+    q = gptq(weight, hessian_of(correlated_inputs(512, 256)), bits=4, group_size=64, act_order=act_order)
+    layer = QuantLinear.from_quantized(q.weight)
+    words, grid, split, perm = layer._kernel_operands("gemv", torch.device("cpu"))
+    assert split in (1, 2, 4) and (perm is not None) == act_order
+    shifts = torch.arange(0, 32, 4)
+    codes = ((words.long()[:, :, None] >> shifts) & 0xF).flatten(1).double()  # (N, K)
+    group = torch.arange(256) // 64
+    scale, zero = grid[:, group, 0].double(), grid[:, group, 1].double() - 1024
+    expected = layer.dequantize(torch.float64)
+    assert torch.equal(scale * (codes - zero), expected if perm is None else expected[:, perm])
 
 
 def test_use_kernel_false_wins_over_built_kernel_operands():
@@ -315,7 +357,7 @@ def test_use_kernel_false_wins_over_built_kernel_operands():
     path (benchmarks/int4.py measures the kernel's error against it)."""
     layer = QuantLinear.from_quantized(rtn(torch.randn(64, 128), bits=4, group_size=32))
     x = torch.randn(3, 128, dtype=torch.bfloat16)
-    layer._kernel_cache = (x.device, None, None, None)  # as if built for this device
+    layer._operands["tinygemm"] = (x.device, None, None, None)  # as if built for this device
     layer.use_kernel = False
     assert torch.equal(layer(x), F.linear(x, layer.dequantize(x.dtype)))
 

@@ -107,7 +107,7 @@ class Decoder:
         if compile:
             for module in model.modules():
                 if isinstance(module, QuantLinear):
-                    module.prepare_kernel()
+                    module.prepare_kernel(batch)
             compiled = torch.compile(self._run, fullgraph=True, dynamic=False)
 
             def decode(tokens: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,14 @@ true zero point rather than zero - 1), so the tensors mean what GPTQ users expec
     weight[o, i] = scales[g, o] * (code[i, o] - zero[g, o]),  g = g_idx[i]
 
 Compute. On CUDA with bf16 activations, 4-bit codes and at most KERNEL_MAX_ROWS input rows, the
-matmul runs in PyTorch's built-in tinygemm kernel (aten._weight_int4pack_mm), which reads the int4
-weights straight from memory - the point of int4 when decoding, which is memory-bound. Its operands
-(a tiled int4 layout and bf16 scales with *float* zeros) are derived from the stored tensors the
-first time the layer runs on a device and cached there (so a CUDA model holds both layouts: about
-0.5x of bf16 instead of 0.26x). With many rows (prefill, perplexity) the GEMM is compute-bound and
+matmul runs in a kernel that reads the int4 weights straight from memory - the point of int4 when
+decoding, which is memory-bound: one row (batch-1 decoding) in our CUDA GEMV (gemv.py, where the
+CUDA toolkit can build it), 2 to KERNEL_MAX_ROWS rows (or one, without the GEMV) in PyTorch's
+built-in tinygemm kernel (aten._weight_int4pack_mm). Each kernel's operands (the GEMV's row-major
+words and fp16 grid; tinygemm's tiled int4 layout and bf16 scales with *float* zeros) are derived
+from the stored tensors the first time the layer runs that kernel on a device and cached there (so a
+CUDA model holds the stored layout and one or two kernel layouts: about 0.5x of bf16 with one,
+instead of 0.26x). With many rows (prefill, perplexity) the GEMM is compute-bound and
 tinygemm falls behind cuBLAS (about 0.4x at 64 rows on an H100), so the layer dequantizes and calls
 F.linear instead; so does it everywhere else (CPU, fp32/fp16 activations, 2/8-bit codes). That
 dequantize-then-matmul path is the reference: it computes exactly the calibration-time weight.
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyperloop.quant import gemv
 from hyperloop.quant.grid import QuantizedWeight, check_spec
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -111,7 +115,8 @@ class QuantLinear(nn.Module):
             and out_features % 8 == 0
             and in_features % (2 * TINYGEMM_K_TILE) == 0
         )
-        self._kernel_cache: tuple | None = None  # (device, tinygemm weight, scales_and_zeros, input perm)
+        # kernel name ("gemv", "tinygemm") -> (device, its operands..., input perm or None), built on first use
+        self._operands: dict[str, tuple] = {}
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight) -> QuantLinear:
@@ -141,7 +146,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Moves follow the module, dtype casts do not touch the grid: `model.to(torch.bfloat16)`
         must not round the fp16 scales to bf16 (three mantissa bits fewer) behind the user's back."""
-        self._kernel_cache = None  # rebuilt on the new device at the next call
+        self._operands = {}  # rebuilt on the new device at the next call
         scales = self._buffers.pop("scales")
         try:
             super()._apply(fn, recurse)
@@ -154,41 +159,60 @@ class QuantLinear(nn.Module):
         """Whether this layer can use the int4 kernel on `device` at all."""
         return self.use_kernel and self._kernel_shapes_ok and device.type == "cuda" and tinygemm_available(device.index)
 
-    def _kernel_usable(self, x: torch.Tensor) -> bool:
+    def _kernel(self, x: torch.Tensor) -> str | None:
+        """The kernel for x ("gemv" for one row, else "tinygemm"), or None: dequantize, then F.linear."""
         if not self.use_kernel or x.dtype != torch.bfloat16 or x.numel() > KERNEL_MAX_ROWS * self.in_features:
-            return False
+            return None
+        one_row = x.numel() == self.in_features
         # Operands built for this device already answer for it: a compiled forward (prepare_kernel
-        # ran first) then traces no query of the device.
-        built = self._kernel_cache is not None and self._kernel_cache[0] == x.device
-        return built or self._kernel_on(x.device)
+        # ran first) then traces no query of the device. One row takes tinygemm's if those exist.
+        for name in ("gemv", "tinygemm") if one_row else ("tinygemm",):
+            if name in self._operands and self._operands[name][0] == x.device:
+                return name
+        if not self._kernel_on(x.device):
+            return None
+        return "gemv" if one_row and gemv.available(self.in_features) else "tinygemm"
 
-    def _kernel_operands(self, device: torch.device) -> tuple:
-        if self._kernel_cache is None or self._kernel_cache[0] != device:
+    def _kernel_operands(self, name: str, device: torch.device) -> tuple:
+        if name not in self._operands or self._operands[name][0] != device:
             q = self.unpacked()
             codes, perm = q.codes.to(device), None
             if bool((q.g_idx[1:] < q.g_idx[:-1]).any()):
-                # act-order: tinygemm needs each group's columns side by side, so sort the input
+                # act-order: the kernels need each group's columns side by side, so sort the input
                 # columns by group once here and gather the activations the same way per call.
                 perm = torch.argsort(q.g_idx.long(), stable=True).to(device)
                 codes = codes[:, perm]
-            inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * TINYGEMM_K_TILE) == 0)
-            weight = int4_tinygemm_weight(codes, inner_k_tiles)
-            scales_and_zeros = tinygemm_scales_and_zeros(q.scales, q.zeros).to(device)
-            self._kernel_cache = (device, weight, scales_and_zeros, perm)
-        return self._kernel_cache[1:]
+            if name == "gemv":
+                packed = self.qweight if perm is None else pack_rows(codes.T, self.bits)
+                words, grid = gemv.operands(packed.to(device), q.scales, q.zeros)
+                kernel = (words, grid, gemv.split_for(self.in_features, self.out_features))
+            else:
+                inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * TINYGEMM_K_TILE) == 0)
+                kernel = (int4_tinygemm_weight(codes, inner_k_tiles), tinygemm_scales_and_zeros(q.scales, q.zeros).to(device))
+            self._operands[name] = (device, *kernel, perm)
+        return self._operands[name][1:]
 
-    def prepare_kernel(self) -> None:
-        """Build the kernel operands now, eagerly. torch.compile cannot trace building them (it
-        branches on the data), so a caller that compiles the forward calls this first."""
-        if self._kernel_on(self.qweight.device):
-            self._kernel_operands(self.qweight.device)
+    def prepare_kernel(self, rows: int = 1) -> None:
+        """Build now, eagerly, the operands of the kernel that inputs of `rows` rows will use.
+        torch.compile cannot trace building them (it branches on the data), so a caller that compiles
+        the forward calls this first."""
+        device = self.qweight.device
+        x = torch.empty(rows, self.in_features, dtype=torch.bfloat16, device=device)
+        if (name := self._kernel(x)) is not None:
+            self._kernel_operands(name, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._kernel_usable(x):
+        name = self._kernel(x)
+        if name is None:
             return F.linear(x, self.dequantize(x.dtype))
-        weight, scales_and_zeros, perm = self._kernel_operands(x.device)
+        *kernel, perm = self._kernel_operands(name, x.device)
         flat = x.reshape(-1, self.in_features)
         if perm is not None:
             flat = flat[:, perm]
-        out = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), weight, self.group_size, scales_and_zeros)
+        if name == "gemv":
+            words, grid, split = kernel
+            out = gemv.int4_gemv(flat.reshape(-1), words, grid, self.group_size, split)
+        else:
+            weight, scales_and_zeros = kernel
+            out = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), weight, self.group_size, scales_and_zeros)
         return out.reshape(*x.shape[:-1], self.out_features)
