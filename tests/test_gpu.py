@@ -204,24 +204,29 @@ def test_validation_after_compiled_training_matches_eager(arch):
             assert _rel(model(x[:batch]).float(), reference[:batch]) < 2e-2
 
 
-def test_compiled_int4_decode_matches_eager():
+@pytest.mark.parametrize("batch", [1, 2])  # one row: our GEMV (where it builds); two: tinygemm
+def test_compiled_int4_decode_matches_eager(batch):
     """The compiled decode step (torch.compile, then a CUDA graph) of an int4 model gives the eager
     step's logits: the kernel's operands are built before compiling (bf16 weights:
     tests/test_infer.py::test_cuda_graph_step_equals_eager_step)."""
     from hyperloop.infer.bench import build_model
     from hyperloop.infer.decoder import Decoder
+    from hyperloop.quant import gemv
+    from hyperloop.quant.linear import QuantLinear
 
     # ffn 768: int4 groups of 128 must divide every linear's input size (xs has 704)
     cfg = get_preset("hyperloop-xs").replace(vocab_size=4096, max_seq_len=256, ffn_dim=768)
     model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=True)
-    prompts = torch.randint(1, cfg.vocab_size, (2, 16)).tolist()
-    fed = torch.randint(1, cfg.vocab_size, (8, 2), device="cuda")  # the same tokens for both (not argmax,
+    prompts = torch.randint(1, cfg.vocab_size, (batch, 16)).tolist()
+    fed = torch.randint(1, cfg.vocab_size, (8, batch), device="cuda")  # the same tokens for both (not argmax,
     outputs = []  # which bf16 rounding could send down different paths)
     for compile in (False, True):
-        decoder = Decoder(model, 2, 32, compile=compile)
+        decoder = Decoder(model, batch, 32, compile=compile)
         decoder.prefill(prompts)
         outputs.append(torch.stack([decoder.step(tokens)[0].float() for tokens in fed]))
     assert _rel(outputs[1], outputs[0]) < 2e-2
+    kernels = {name for m in model.modules() if isinstance(m, QuantLinear) for name in m._operands}
+    assert ("gemv" in kernels) == (batch == 1 and gemv.available(cfg.dim))  # tinygemm: the 16-row prefills
 
 
 @pytest.mark.parametrize("head_dim, chunk", [(64, 1024), (128, 1024), (64, 256), (128, 256)])

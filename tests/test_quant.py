@@ -337,8 +337,6 @@ def test_gemv_operands_hold_the_dequantized_weight(act_order):
     """gemv.cu's layout, read back the way the kernel reads it (in float64, on the CPU): code k of row
     n in bits 4(k % 8) of words[n, k // 8], and a group's (scale, 1024 + zero) in grid, give the
     stored weight, its columns in the order the layer gathers x."""
-    from hyperloop.quant import gemv
-
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(6)) * 0.05
     q = gptq(weight, hessian_of(correlated_inputs(512, 256)), bits=4, group_size=64, act_order=act_order)
     layer = QuantLinear.from_quantized(q.weight)

@@ -164,11 +164,11 @@ class QuantLinear(nn.Module):
         if not self.use_kernel or x.dtype != torch.bfloat16 or x.numel() > KERNEL_MAX_ROWS * self.in_features:
             return None
         one_row = x.numel() == self.in_features
-        # Operands built for this device already answer for it: a compiled forward (prepare_kernel
-        # ran first) then traces no query of the device. One row takes tinygemm's if those exist.
-        for name in ("gemv", "tinygemm") if one_row else ("tinygemm",):
-            if name in self._operands and self._operands[name][0] == x.device:
-                return name
+        if torch.compiler.is_compiling():
+            # Trace no device query and no build: a caller that compiles the forward runs
+            # prepare_kernel first, and the operands it built decide.
+            names = ("gemv", "tinygemm") if one_row else ("tinygemm",)
+            return next((n for n in names if n in self._operands and self._operands[n][0] == x.device), None)
         if not self._kernel_on(x.device):
             return None
         return "gemv" if one_row and gemv.available(self.in_features) else "tinygemm"
