@@ -2,10 +2,11 @@
 
 At one row PyTorch's tinygemm (aten._weight_int4pack_mm) reads its weights at 0.2-1.3 TB/s, far
 from an H100's 3.35. On the S and M shapes this kernel is 1.05-1.34x faster (0.96x on the smallest,
-1024 x 1024, where both take about 2.2 us) and closer to the dequantized weight (results/int4.md). It is compiled from source on first use with
-torch.utils.cpp_extension (about a minute, then cached by PyTorch under ~/.cache/torch_extensions),
-so it needs the CUDA toolkit (nvcc); where that is missing or the build fails, QuantLinear keeps
-tinygemm. Its operands are a layout of its own, derived from the stored GPTQ tensors (`operands`).
+1024 x 1024, where both take about 2.2 us) and closer to the dequantized weight (results/int4.md).
+It is compiled from source on first use with torch.utils.cpp_extension (about a minute, then cached
+by PyTorch under ~/.cache/torch_extensions), so it needs the CUDA toolkit (nvcc); where that is
+missing or the build fails, QuantLinear keeps tinygemm. Its operands are a layout of its own,
+derived from the stored GPTQ tensors (`operands`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def available(in_features: int) -> bool:
 
 def split_for(in_features: int, out_features: int) -> int:
     """Warps that share a block's rows and split K: more for matrices with few rows, as long as the
-    grid stays within GRID_WARPS and every warp keeps at least 16 chunks of 32 codes. The rule matches
-    the fastest of 1, 2 and 4 on our S and M shapes within 0.15 us (H100 sweep, results/int4.md)."""
+    grid stays within GRID_WARPS and every warp keeps at least 16 chunks of 32 codes. On our S and M
+    shapes it picks a split within 0.13 us of the fastest (an H100 sweep: results/int4.json,
+    gemv_sweep_2026_11_26)."""
     chunks = in_features // 32
     for split in (4, 2):
         if out_features // ROWS_PER_WARP * split <= GRID_WARPS and chunks >= 16 * split:
