@@ -11,8 +11,9 @@
 // (bits 0-3 and 16-19 of the word: codes s and s + 4, for s = 0..3 by shifting). One f16x2 subtract
 // of (1024 + zero) leaves code - zero exactly, and one f16x2 FMA multiplies it with x. So x is
 // staged once per block in shared memory as f16 pairs (x_s, x_{s+4}) of each word, scaled by 1/16 so
-// that the f16 sums of a 32-code chunk (|code - zero| <= 15) cannot overflow; the chunk's sum then
-// goes to fp32 times the group's scale, and the 1/16 is undone at the end.
+// that the f16 sum of a 32-code chunk (16 products a half, |code - zero| <= 15) stays below f16's
+// 65504 unless x is near 4000 across most of the chunk; the chunk's sum then goes to fp32 times the
+// group's scale, and the 1/16 is undone at the end.
 //
 // Parallelism: a warp computes ROWS outputs; SPLIT warps of a block share them and split K (for
 // matrices with few rows and long rows), reducing through shared memory.
