@@ -462,3 +462,31 @@ def test_library_errors():
     quantize_rtn(model, bits=4, group_size=32)
     with pytest.raises(HyperloopError, match="already quantized"):
         quantize_rtn(model, bits=4, group_size=32)
+
+
+def test_gemv_build_can_be_declined_and_a_failed_build_falls_back(monkeypatch):
+    """HYPERLOOP_INT4_GEMV=0 skips the build; a build that raises gives one warning and None (the
+    layers then keep tinygemm), not an error in the middle of decoding."""
+    from torch.utils import cpp_extension
+
+    from hyperloop.quant import gemv
+
+    builds = []
+
+    def failing_build(*args, **kwargs):
+        builds.append(args[0])
+        raise RuntimeError("nvcc: not usable")
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/a/cuda/toolkit")
+    monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    try:
+        gemv.extension.cache_clear()
+        monkeypatch.setenv("HYPERLOOP_INT4_GEMV", "0")
+        assert not gemv.available(1024) and builds == []
+        gemv.extension.cache_clear()
+        monkeypatch.delenv("HYPERLOOP_INT4_GEMV")
+        with pytest.warns(UserWarning, match="did not build, using tinygemm"):
+            assert not gemv.available(1024)
+        assert builds == ["hyperloop_int4_gemv"]
+    finally:
+        gemv.extension.cache_clear()  # the next caller builds (or not) for real

@@ -5,12 +5,13 @@ from an H100's 3.35. On the S and M shapes this kernel is 1.05-1.34x faster (0.9
 1024 x 1024, where both take about 2.2 us) and closer to the dequantized weight (results/int4.md).
 It is compiled from source on first use with torch.utils.cpp_extension (about a minute, then cached
 by PyTorch under ~/.cache/torch_extensions), so it needs the CUDA toolkit (nvcc); where that is
-missing or the build fails, QuantLinear keeps tinygemm. Its operands are a layout of its own,
-derived from the stored GPTQ tensors (`operands`).
+missing or the build fails, QuantLinear keeps tinygemm, as it does with HYPERLOOP_INT4_GEMV=0 set.
+Its operands are a layout of its own, derived from the stored GPTQ tensors (`operands`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from functools import cache
@@ -25,17 +26,19 @@ ROWS_PER_WARP = 2  # gemv.cu's kRows
 
 @cache
 def extension():
-    """The compiled gemv.cu, or None where it cannot be built (no CUDA toolkit, a failed build)."""
-    from torch.utils.cpp_extension import CUDA_HOME, load_inline
+    """The compiled gemv.cu, or None where it is not wanted (HYPERLOOP_INT4_GEMV=0) or cannot be
+    built (no CUDA toolkit, a failed build)."""
+    from torch.utils import cpp_extension
 
-    if CUDA_HOME is None:
+    if os.environ.get("HYPERLOOP_INT4_GEMV") == "0" or cpp_extension.CUDA_HOME is None:
         return None
     print("hyperloop: loading the int4 GEMV CUDA kernel (the first time it is compiled, about a minute)",
           file=sys.stderr, flush=True)  # fmt: skip
     declaration = "torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split);"
     try:
-        return load_inline("hyperloop_int4_gemv", declaration, cuda_sources=Path(__file__).with_name("gemv.cu").read_text(),
-                           functions=["int4_gemv"], extra_cuda_cflags=["-O3"])  # fmt: skip
+        source = Path(__file__).with_name("gemv.cu").read_text()
+        return cpp_extension.load_inline("hyperloop_int4_gemv", declaration, cuda_sources=source,
+                                         functions=["int4_gemv"], extra_cuda_cflags=["-O3"])  # fmt: skip
     except Exception as error:  # a broken toolkit must not stop decoding: tinygemm still works
         warnings.warn(f"the int4 GEMV kernel did not build, using tinygemm instead: {error}", stacklevel=2)
         return None
