@@ -100,6 +100,8 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         float_bytes = model_bytes(model)
         quantize_rtn(model, bits=4, group_size=args.group_size)
         int4_row = time_decoder(model, 1, args.prompt_len, args.new_tokens, compile=args.compile)
+        # the same int4 layers run op by op (no fused layers: infer/int4_block.py)
+        op_by_op = time_decoder(model, 1, args.prompt_len, args.new_tokens, compile=args.compile, fuse_int4=False)
         int4_bytes = model_bytes(model)
         error = kernel_error(model, device)
         # the LM head too (`hyperloop quantize --lm-head`): a quarter of an S model's bytes per token
@@ -112,6 +114,7 @@ def bench_decode(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             "float_tok_s": float_row["decode_tok_s"],
             "int4_tok_s": int4_row["decode_tok_s"],
             "speedup": int4_row["decode_tok_s"] / float_row["decode_tok_s"],
+            "int4_op_by_op_tok_s": op_by_op["decode_tok_s"],
             "int4_head_tok_s": head_row["decode_tok_s"],
             "speedup_with_head": head_row["decode_tok_s"] / float_row["decode_tok_s"],
             "float_model_gb": float_bytes / 2**30,
@@ -291,7 +294,8 @@ def layer_error(device: torch.device, size: int = 1024, group_size: int = 128, r
 KEYS = {"decode": "preset", "kernels": "shape", "layer-error": "shape", "quant-time": "preset", "ppl": "checkpoint"}
 COLUMNS = {
     "decode": [("preset", "model"), ("dtype", "float dtype"), ("float_tok_s", "float tok/s"),
-               ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"), ("int4_head_tok_s", "int4 + head tok/s"),
+               ("int4_op_by_op_tok_s", "int4 op by op tok/s"), ("int4_tok_s", "int4 tok/s"), ("speedup", "speedup"),
+               ("int4_head_tok_s", "int4 + head tok/s"),
                ("speedup_with_head", "speedup (head too)"), ("float_model_gb", "float GB"),
                ("int4_model_gb", "int4 GB"), ("int4_head_model_gb", "int4 + head GB"),
                ("kernel_vs_dequant_rel_error", "kernel rel. err")],

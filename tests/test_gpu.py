@@ -229,6 +229,34 @@ def test_compiled_int4_decode_matches_eager(batch):
     assert ("gemv" in kernels) == (batch == 1 and gemv.available(cfg.dim))  # tinygemm: the 16-row prefills
 
 
+@pytest.mark.parametrize("preset", ["transformer-xs", "hyperloop-xs"])
+def test_fused_int4_layers_decode_like_the_op_by_op_step(preset):
+    """At batch 1 an int4 model's layers run as five fused kernels each (infer/int4_block.py), eagerly
+    and compiled (graphed, the GEMVs launched as programmatic dependents); the logits match those of
+    the same layers run op by op on the dequantized weights, with no int4 kernel at all."""
+    from hyperloop.infer.bench import build_model
+    from hyperloop.infer.decoder import Decoder
+    from hyperloop.quant import gemv
+    from hyperloop.quant.linear import QuantLinear
+
+    cfg = get_preset(preset).replace(vocab_size=4096, max_seq_len=256, ffn_dim=768)
+    if not gemv.available(cfg.dim):
+        pytest.skip("the GEMV did not build here")
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=True)
+    prompts = torch.randint(1, cfg.vocab_size, (1, 16)).tolist()
+    fed = torch.randint(1, cfg.vocab_size, (8, 1), device="cuda")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    outputs = []
+    for kernels, compile in ((False, False), (True, False), (True, True)):
+        for linear in linears:
+            linear.use_kernel = kernels
+        decoder = Decoder(model, 1, 32, compile=compile)
+        assert (decoder.cache.fused_block is not None) == kernels
+        decoder.prefill(prompts)
+        outputs.append(torch.stack([decoder.step(tokens)[0].float() for tokens in fed]))
+    assert _rel(outputs[1], outputs[0]) < 2e-2 and _rel(outputs[2], outputs[0]) < 2e-2
+
+
 @pytest.mark.parametrize("head_dim, chunk", [(64, 1024), (128, 1024), (64, 256), (128, 256)])
 def test_decode_attention_kernel_matches_masked_sdpa(head_dim, chunk, monkeypatch):
     """One query per row over a left-padded cache: the kernel visits only columns pad[b] .. column,
@@ -250,7 +278,7 @@ def test_decode_attention_kernel_matches_masked_sdpa(head_dim, chunk, monkeypatc
         cache.start(1)
         q = torch.randn(B, 1, H, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # strided
         k, v = cache.k[0].float(), cache.v[0].float()
-        want = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=cache._mask)
+        want = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=cache._sdpa_mask(cache._columns))
         got = kernels.decode_attention(q, cache.k[0], cache.v[0], cache.pad, cache.column)
         assert got.shape == want.shape and got.dtype == torch.bfloat16
         assert _rel(got, want) < 1e-2

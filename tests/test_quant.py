@@ -340,7 +340,7 @@ def test_gemv_operands_hold_the_dequantized_weight(act_order):
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(6)) * 0.05
     q = gptq(weight, hessian_of(correlated_inputs(512, 256)), bits=4, group_size=64, act_order=act_order)
     layer = QuantLinear.from_quantized(q.weight)
-    words, grid, split, perm = layer._kernel_operands("gemv", torch.device("cpu"))
+    words, grid, split, perm = layer.kernel_operands("gemv", torch.device("cpu"))
     assert split in (1, 2, 4) and (perm is not None) == act_order
     shifts = torch.arange(0, 32, 4)
     codes = ((words.long()[:, :, None] >> shifts) & 0xF).flatten(1).double()  # (N, K)
@@ -348,6 +348,70 @@ def test_gemv_operands_hold_the_dequantized_weight(act_order):
     scale, zero = grid[:, group, 0].double(), grid[:, group, 1].double() - 1024
     expected = layer.dequantize(torch.float64)
     assert torch.equal(scale * (codes - zero), expected if perm is None else expected[:, perm])
+
+
+def test_epilogue_row_pairs_are_the_pairs_the_kernel_decodes():
+    """gemv.cu's RoPE epilogue decodes pair p as (part, head, i) and writes element i and i + D/2;
+    rope_pairs must put exactly those rows of the q|k|v weight at 2p, 2p + 1. The SwiGLU epilogue
+    takes pair p as (gate_p, up_p). Both orders are permutations of all the rows."""
+    from hyperloop.quant import gemv
+
+    heads, head_dim, half = 3, 8, 4
+    rows = gemv.rope_pairs(heads, head_dim)
+    assert torch.equal(rows.sort().values, torch.arange(3 * heads * head_dim))
+    for pair in range(3 * heads * half):  # the index arithmetic of finish_pair in gemv.cu
+        part, head, i = pair // (heads * half), pair % (heads * half) // half, pair % half
+        first = (part * heads + head) * head_dim + i
+        assert rows[2 * pair].item() == first and rows[2 * pair + 1].item() == first + half
+    rows = gemv.swiglu_pairs(5)
+    assert rows.view(5, 2).tolist() == [[i, i + 5] for i in range(5)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the int4 GEMV needs CUDA")
+def test_gemv_prologue_and_epilogues_match_the_plain_operations():
+    """The RMSNorm prologue and the residual, SwiGLU and RoPE-plus-cache-write epilogues of gemv.cu
+    against the same operations written out in float64 on the dequantized weight."""
+    from hyperloop.quant import gemv
+
+    if not gemv.available(256):
+        pytest.skip("the GEMV did not build here")
+    torch.manual_seed(0)
+    in_features, eps, cuda = 256, 1e-5, torch.device("cuda")
+
+    def layer(out_features: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        linear = QuantLinear.from_quantized(rtn(torch.randn(out_features, in_features) * 0.05, bits=4, group_size=64))
+        words, grid, split, _ = linear.cuda().kernel_operands("gemv:test", cuda, rows)
+        return linear.dequantize(torch.float64), (words, grid, 64, split)
+
+    def close(fast: torch.Tensor, exact: torch.Tensor) -> None:
+        assert ((fast.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+    x = torch.randn(in_features, device=cuda, dtype=torch.bfloat16)
+    norm_weight = (1 + 0.2 * torch.randn(in_features, device=cuda)).to(torch.bfloat16)
+    normed = x.double() * torch.rsqrt(x.double().pow(2).mean() + eps) * norm_weight.double()
+
+    weight, operands = layer(128)
+    residual = torch.randn(128, device=cuda, dtype=torch.bfloat16)
+    close(gemv.int4_gemv(x, *operands, residual=residual), residual.double() + weight @ x.double())
+
+    weight, operands = layer(2 * 96, gemv.swiglu_pairs(96))
+    gate, up = (weight @ normed).split(96)
+    close(gemv.int4_gemv(x, *operands, norm_weight=norm_weight, eps=eps, swiglu=True), F.silu(gate) * up)
+
+    heads, head_dim, column = 2, 32, 5
+    weight, operands = layer(3 * heads * head_dim, gemv.rope_pairs(heads, head_dim))
+    k_cache, v_cache = (torch.zeros(1, heads, 16, head_dim, device=cuda, dtype=torch.bfloat16) for _ in range(2))
+    angles = torch.rand(head_dim // 2, device=cuda, dtype=torch.float64) * 6
+    q = gemv.int4_gemv_rope_cache(x, *operands, norm_weight, eps, angles.cos().float(), angles.sin().float(),
+                                  k_cache, v_cache, torch.tensor(column, device=cuda))  # fmt: skip
+    q_exact, k_exact, v_exact = (weight @ normed).view(3, heads, head_dim)
+    for fast, exact in ((q.view(heads, head_dim), q_exact), (k_cache[0, :, column], k_exact)):
+        first, second = exact.chunk(2, dim=-1)  # rotate-half RoPE
+        close(fast, torch.cat([first * angles.cos() - second * angles.sin(), second * angles.cos() + first * angles.sin()], -1))
+    close(v_cache[0, :, column], v_exact)
+    written = torch.zeros(16, dtype=torch.bool)
+    written[column] = True
+    assert not k_cache[0, :, ~written].any() and not v_cache[0, :, ~written].any()  # only the token's column
 
 
 def test_use_kernel_false_wins_over_built_kernel_operands():

@@ -62,7 +62,8 @@ def _rates(batch: int, prompt_len: int, new_tokens: int, prefill_s: float, decod
 
 
 def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: int, *, num_loops: int | None = None,
-                 exit_threshold: float | None = None, compile: bool = False, profile: Path | None = None) -> dict:  # fmt: skip
+                 exit_threshold: float | None = None, compile: bool = False, profile: Path | None = None,
+                 fuse_int4: bool = True) -> dict:  # fmt: skip
     """Warm-up pass, then a timed pass of prefill + greedy decode with our Decoder. With `profile`
     (a file), then a few steps under the profiler, run without the CUDA graph (its kernels are the
     same; the profiler sees them one by one), to compare their busy time with the graphed step's."""
@@ -70,7 +71,7 @@ def time_decoder(model: HyperloopLM, batch: int, prompt_len: int, new_tokens: in
     prompts = random_prompts(model.cfg.vocab_size, batch, prompt_len).tolist()
     _reset_memory(device)
     decoder = Decoder(model, batch, prompt_len + new_tokens - 1, num_loops=num_loops,
-                      exit_threshold=exit_threshold, compile=compile)  # fmt: skip
+                      exit_threshold=exit_threshold, compile=compile, fuse_int4=fuse_int4)  # fmt: skip
 
     def one_pass() -> tuple[float, float, float]:
         synchronize(device)

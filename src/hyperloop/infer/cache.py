@@ -53,6 +53,8 @@ class KVCache:
         # One new token per row on CUDA: our decode-attention kernel, which visits only the columns
         # written so far (decode_attention.py), instead of SDPA over all T_max under the mask.
         self.decode_kernel = HAS_TRITON
+        # A whole Block for one token in a few fused kernels (int4_block.FusedInt4Blocks), set by the Decoder.
+        self.fused_block = None
         self._columns = self._mask = self.positions = None
 
     @classmethod
@@ -85,16 +87,25 @@ class KVCache:
 
     def start(self, T: int) -> torch.Tensor:
         """Prepare a forward over T new tokens (columns column .. column+T-1) and return their RoPE
-        positions (B, T). Builds the mask once for all layers of the forward."""
+        positions (B, T). Builds SDPA's mask once for all layers of the forward, unless the
+        decode-attention kernel (which needs none) will run."""
         columns = self.column + torch.arange(T, device=self.column.device)  # (T,)
-        keys, queries = self.key_columns.view(1, 1, -1), columns.view(1, T, 1)
-        visible = (keys >= self.pad.view(-1, 1, 1)) & (keys <= queries)  # causal, padding hidden
-        # A padding query would see no key at all (a softmax of only -inf is NaN): let it see itself.
-        # Its output is never read by a real token, whose mask hides padding columns.
-        self._mask = (visible | (keys == queries)).unsqueeze(1)  # (B, 1, T, T_max)
+        self._mask = None if self._decode_kernel_for(T) else self._sdpa_mask(columns)
         self._columns = columns
         self.positions = (columns.view(1, T) - self.pad.view(-1, 1)).clamp(min=0)
         return self.positions
+
+    def _sdpa_mask(self, columns: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, T_max): which cache columns each of the new tokens at `columns` (T,) may see."""
+        keys, queries = self.key_columns.view(1, 1, -1), columns.view(1, -1, 1)
+        visible = (keys >= self.pad.view(-1, 1, 1)) & (keys <= queries)  # causal, padding hidden
+        # A padding query would see no key at all (a softmax of only -inf is NaN): let it see itself.
+        # Its output is never read by a real token, whose mask hides padding columns.
+        return (visible | (keys == queries)).unsqueeze(1)
+
+    def _decode_kernel_for(self, T: int) -> bool:
+        """Whether a forward over T new tokens attends with decode_attention (no mask needed)."""
+        return self.decode_kernel and T == 1 and self.device.type == "cuda" and is_power_of_two(self.k[0].shape[3])
 
     def advance(self, T: int) -> None:
         self.column += T
@@ -108,7 +119,7 @@ class KVCache:
             v = torch.where(keep, v_all[:, :, self._columns], v)
         k_all[:, :, self._columns] = k
         v_all[:, :, self._columns] = v
-        if self.decode_kernel and q.shape[2] == 1 and q.is_cuda and is_power_of_two(q.shape[3]):
+        if self._decode_kernel_for(q.shape[2]):
             return decode_attention(q, k_all, v_all, self.pad, self.column)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=self._mask)
 

@@ -6,7 +6,9 @@ Both have the same two calls, so `generate` does not care which it drives:
 
 On CUDA the decode step is captured once as a CUDA graph and replayed: a step of an S-size model is
 a few hundred small kernels, and launching them one by one from Python costs more than running them.
-`compile=True` first runs the step through torch.compile (fused kernels) and captures that. With
+`compile=True` first runs the step through torch.compile (fused kernels) and captures that. An int4
+model decoding one row runs each layer in five kernels of its own (int4_block.py; `fuse_int4=False`
+keeps the layer op by op, for comparisons). With
 early exit, whose control flow depends on the logits, the (uncompiled) step is captured as one graph
 per loop, and the host reads whether every row has exited between their replays. On CPU the step
 runs eagerly.
@@ -23,6 +25,7 @@ from hyperloop.config import ModelConfig
 from hyperloop.errors import HyperloopError
 from hyperloop.infer.cache import KVCache
 from hyperloop.infer.early_exit import AllRowsExited, EarlyExit
+from hyperloop.infer.int4_block import FusedInt4Blocks
 from hyperloop.model import HyperloopLM
 from hyperloop.quant.linear import QuantLinear
 
@@ -87,7 +90,8 @@ class Decoder:
     """A model and a KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
 
     def __init__(self, model: HyperloopLM, batch: int, max_len: int, *, num_loops: int | None = None,
-                 exit_threshold: float | None = None, cuda_graph: bool | None = None, compile: bool = False):  # fmt: skip
+                 exit_threshold: float | None = None, cuda_graph: bool | None = None, compile: bool = False,
+                 fuse_int4: bool = True):  # fmt: skip
         cfg = model.cfg
         if max_len > cfg.max_seq_len:
             raise HyperloopError(f"{max_len} tokens (prompt + new tokens) exceed the model's context of "
@@ -102,11 +106,14 @@ class Decoder:
         if exit_threshold is not None:
             self.early_exit = EarlyExit(model, self.cache, exit_threshold, self.num_loops)
         on_cuda = self.cache.device.type == "cuda"
+        if on_cuda and batch == 1 and exit_threshold is None and fuse_int4:
+            self.cache.fused_block = FusedInt4Blocks.for_model(model)
         self.cuda_graph = on_cuda and cuda_graph is not False
         self._decode = self._run
         if compile:
+            fused = self.cache.fused_block.linears if self.cache.fused_block is not None else []
             for module in model.modules():
-                if isinstance(module, QuantLinear):
+                if isinstance(module, QuantLinear) and not any(module is linear for linear in fused):
                     module.prepare_kernel(batch)
             compiled = torch.compile(self._run, fullgraph=True, dynamic=False)
 

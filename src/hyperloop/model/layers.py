@@ -2,7 +2,8 @@
 
 Projections are fused (q|k|v in one matrix, gate|up in another): the same parameters as separate
 matrices, fewer kernel launches. A Block keeps its own residuals, or gives one sub-layer's bare
-output F(x) for an mHC site to wrap (spec 2b).
+output F(x) for an mHC site to wrap (spec 2b). A KV cache may carry a fused implementation of the
+whole layer for one token (infer/int4_block.py), which the Block then defers to.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ class Block(nn.Module):
         slot: int = 0,
         branch: str | None = None,
     ) -> torch.Tensor:
+        fused = getattr(cache, "fused_block", None)  # int4 decoding at batch 1 (a KVCache)
+        if branch is None and fused is not None:
+            out = fused(self, x, rope, cache, slot)
+            if out is not None:
+                return out
         attn: Callable = lambda h: self.attn(self.attn_norm(h), rope, loop, cache, slot)  # noqa: E731
         mlp: Callable = lambda h: self.mlp(self.mlp_norm(h), loop)  # noqa: E731
         if branch is not None:

@@ -1,4 +1,10 @@
-// One-row int4 GEMV, y = W_hat x, for decoding at batch 1 (src/hyperloop/quant/gemv.py builds it).
+// One-row int4 GEMV, y = W_hat x, for decoding at batch 1 (src/hyperloop/quant/gemv.py builds it),
+// with the small operations around a decoder layer's matmuls folded in, so that a layer runs in five
+// kernels instead of about ten (infer/int4_block.py):
+//   prologue   x <- RMSNorm(x) * weight                  (before wqkv and w_gate_up)
+//   epilogues  y <- residual + W_hat x                   (wo, w_down)
+//              y <- silu(gate) * up                      (w_gate_up, rows in (gate_i, up_i) pairs)
+//              q, k <- RoPE(q, k); k, v -> the KV cache  (wqkv, rows in (i, i + D/2) pairs per head)
 //
 // Operands (gemv.py: operands):
 //   words (N, K/8) int32: row n's codes, K contiguous, eight a word, LSB first (code k in bits 4(k%8)..)
@@ -15,58 +21,186 @@
 // 65504 unless x is near 4000 across most of the chunk; the chunk's sum then goes to fp32 times the
 // group's scale, and the 1/16 is undone at the end.
 //
-// Parallelism: a warp computes ROWS outputs; SPLIT warps of a block share them and split K (for
-// matrices with few rows and long rows), reducing through shared memory.
+// Parallelism: a warp computes one pair of rows (the epilogues work on pairs); SPLIT warps of a block
+// share a pair and split K (for matrices with few rows and long rows), reducing through shared memory.
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include <array>
+#include <optional>
+
 namespace {
 
-constexpr int kRows = 2;   // outputs a warp
-constexpr int kWarps = 8;  // warps a block
+constexpr int kRows = 2;   // outputs a warp: one pair
+// Two ways to run, by grid size (an H100 sweep and decode A/B, results/int4.md):
+// - small grids (up to kSmallGridBlocksPerSM blocks of 8 warps per SM, all resident at once) are
+//   launched as programmatic dependents of the kernel before (sm_90+, see launch_kernel): they start
+//   while it finishes, request their first weights, then wait for its results; and they let the
+//   kernel after them start early the same way. This hides the launch and the first trip to memory,
+//   the larger part of a small GEMV's time (1.6-2.6 us at the S shapes).
+// - larger grids run blocks of 16 warps (half as many blocks, each staging x, and summing its
+//   squares for the RMSNorm, once for twice the rows) with plain launches: early starts around them
+//   made a transformer-m decode step 8% slower.
+constexpr int kSmallGridBlocksPerSM = 4;
+constexpr int kSmallGridWarps = 8, kLargeGridWarps = 16;
 
-template <int SPLIT>
-__global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(
-    const uint4* __restrict__ words, const __half2* __restrict__ grid, const uint4* __restrict__ x,
-    __nv_bfloat16* __restrict__ y, int K, int N, int group_size) {
-  extern __shared__ uint4 x_pairs[];  // K/8 entries, one per word: four f16x2 (x_s, x_{s+4}) / 16
-  __shared__ float partial[kWarps][kRows];
-  for (int j = threadIdx.x; j < K / 8; j += kWarps * 32) {
-    const uint4 raw = x[j];
-    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+enum Epilogue : int { kStore, kResidual, kSwiglu, kRopeCache };
+
+struct Params {
+  const uint4* words;
+  const __half2* grid;
+  const uint4* x;
+  const uint4* norm_weight;  // RMSNorm's weight (K,) bf16, or nullptr: x is used as it is
+  float eps;
+  int K, N, group_size;
+  Epilogue epilogue;
+  __nv_bfloat16* y;                // (N,), (N/2,) for kSwiglu, q (N/3,) for kRopeCache
+  const __nv_bfloat16* residual;   // kResidual: (N,)
+  const float* cos;                // kRopeCache: (D/2,) at the token's position
+  const float* sin;
+  __nv_bfloat16* k_cache;          // kRopeCache: (heads, cache_len, D), written at *column
+  __nv_bfloat16* v_cache;
+  const int64_t* column;
+  int heads, head_dim, cache_len;
+};
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
+  const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) out[s] = __bfloat162float(v[s]);
+}
+
+// The output pair (a, b) = rows (2 pair, 2 pair + 1) of the operands, to where the epilogue sends it.
+__device__ __forceinline__ void finish_pair(const Params& p, int pair, float a, float b) {
+  switch (p.epilogue) {
+    case kStore:
+      p.y[2 * pair] = __float2bfloat16(a);
+      p.y[2 * pair + 1] = __float2bfloat16(b);
+      break;
+    case kResidual:
+      p.y[2 * pair] = __float2bfloat16(__bfloat162float(p.residual[2 * pair]) + a);
+      p.y[2 * pair + 1] = __float2bfloat16(__bfloat162float(p.residual[2 * pair + 1]) + b);
+      break;
+    case kSwiglu:  // (gate, up)
+      p.y[pair] = __float2bfloat16(a / (1.f + __expf(-a)) * b);
+      break;
+    case kRopeCache: {  // (element i, element i + D/2) of a head of q, k or v
+      const int half = p.head_dim / 2, per_part = p.heads * half;
+      const int part = pair / per_part, head = pair % per_part / half, i = pair % half;
+      if (part < 2) {  // rotate-half RoPE on q and k (model/layers.py: apply_rope)
+        const float c = p.cos[i], s = p.sin[i];
+        const float rotated_a = a * c - b * s;
+        b = b * c + a * s;
+        a = rotated_a;
+      }
+      __nv_bfloat16* out = part == 0 ? p.y + head * p.head_dim
+                                     : (part == 1 ? p.k_cache : p.v_cache) +
+                                           (static_cast<size_t>(head) * p.cache_len + *p.column) * p.head_dim;
+      out[i] = __float2bfloat16(a);
+      out[i + half] = __float2bfloat16(b);
+      break;
+    }
+  }
+}
+
+// Programmatic dependent launch (sm_90): wait until the kernel before has finished and its writes
+// are visible; let the kernel after start early. Both are no-ops on a plain launch.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// A warp's weights at chunk c (32 codes a row): the codes of its two rows and their group's grid.
+struct Chunk {
+  uint4 codes[kRows];
+  __half2 scale_zero[kRows];
+};
+
+__device__ __forceinline__ Chunk load_chunk(const Params& p, int row0, int c) {
+  const int chunks = p.K / 32, groups = p.K / p.group_size;
+  Chunk chunk;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {  // all loads first, so they are in flight together
+    const int row = min(row0 + r, p.N - 1);
+    chunk.codes[r] = __ldcs(p.words + static_cast<size_t>(row) * chunks + c);  // read once: do not keep in cache
+    chunk.scale_zero[r] = p.grid[static_cast<size_t>(row) * groups + c / (p.group_size / 32)];
+  }
+  return chunk;
+}
+
+template <int SPLIT, bool SMALL_GRID>
+__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const Params p) {
+  constexpr int warps = SMALL_GRID ? kSmallGridWarps : kLargeGridWarps;
+  extern __shared__ uint4 x_pairs[];  // K/8 entries, one per word: four f16x2 (x_s, x_{s+4}) * x_scale
+  __shared__ float partial[warps][kRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, x_words = p.K / 8, chunks = p.K / 32;
+  constexpr int pairs_per_block = warps / SPLIT, stride = 32 * SPLIT;
+  const int row0 = (blockIdx.x * pairs_per_block + warp / SPLIT) * kRows;
+  int c = (warp % SPLIT) * 32 + lane;
+  Chunk chunk{};
+  if (SMALL_GRID) {
+    // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
+    // kernel before: requested while it may still be running.
+    if (c < chunks) chunk = load_chunk(p, row0, c);
+    wait_for_previous_kernel();  // x and the residual are its results
+    allow_next_kernel();
+  }
+
+  float x_scale = 0.0625f;
+  if (p.norm_weight != nullptr) {  // every block sums the squares of all of x itself: cheaper than a kernel
+    float squares = 0.f;
+    for (int j = threadIdx.x; j < x_words; j += warps * 32) {
+      float v[8];
+      bf16x8_to_float(p.x[j], v);
+#pragma unroll
+      for (int s = 0; s < 8; ++s) squares += v[s] * v[s];
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+    if (lane == 0) partial[warp][0] = squares;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < warps; ++w) total += partial[w][0];
+    x_scale *= rsqrtf(total / p.K + p.eps);  // partial is written next after the staging's barrier
+  }
+  for (int j = threadIdx.x; j < x_words; j += warps * 32) {
+    float v[8], w[8];
+    bf16x8_to_float(p.x[j], v);
+    if (p.norm_weight != nullptr) bf16x8_to_float(p.norm_weight[j], w);
     uint4 staged;
     __half2* pairs = reinterpret_cast<__half2*>(&staged);
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
-      pairs[s] = __floats2half2_rn(__bfloat162float(v[s]) * 0.0625f, __bfloat162float(v[s + 4]) * 0.0625f);
+    for (int s = 0; s < 4; ++s) {
+      const float lo = v[s] * x_scale, hi = v[s + 4] * x_scale;
+      pairs[s] = p.norm_weight != nullptr ? __floats2half2_rn(lo * w[s], hi * w[s + 4]) : __floats2half2_rn(lo, hi);
+    }
     x_pairs[j] = staged;
   }
   __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = (blockIdx.x * (kWarps / SPLIT) + warp / SPLIT) * kRows;
-  const int chunks = K / 32, groups = K / group_size, chunks_per_group = group_size / 32;
   float total[kRows] = {};
-  for (int c = (warp % SPLIT) * 32 + lane; c < chunks; c += 32 * SPLIT) {
-    uint4 w[kRows];
-    __half2 scale_zero[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {  // all loads first, so they are in flight together
-      const int row = min(row0 + r, N - 1);
-      w[r] = __ldcs(words + static_cast<size_t>(row) * chunks + c);  // read once: do not keep in cache
-      scale_zero[r] = grid[static_cast<size_t>(row) * groups + c / chunks_per_group];
-    }
+  for (bool first = true; c < chunks; c += stride, first = false) {
+    if (!SMALL_GRID || !first) chunk = load_chunk(p, row0, c);
     uint4 xs[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) xs[i] = x_pairs[c * 4 + i];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const __half2 zero = __half2half2(__high2half(scale_zero[r]));
-      const uint32_t* word = reinterpret_cast<const uint32_t*>(&w[r]);
+      const __half2 zero = __half2half2(__high2half(chunk.scale_zero[r]));
+      const uint32_t* word = reinterpret_cast<const uint32_t*>(&chunk.codes[r]);
       __half2 acc = __float2half2_rn(0.f);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -78,7 +212,7 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(
         }
       }
       const float2 sum = __half22float2(acc);
-      total[r] += (sum.x + sum.y) * __low2float(scale_zero[r]);
+      total[r] += (sum.x + sum.y) * __low2float(chunk.scale_zero[r]);
     }
   }
 #pragma unroll
@@ -90,41 +224,139 @@ __global__ void __launch_bounds__(kWarps * 32) int4_gemv_kernel(
 #pragma unroll
     for (int r = 0; r < kRows; ++r) partial[warp][r] = total[r];
   __syncthreads();
-  constexpr int rows_per_block = (kWarps / SPLIT) * kRows;
-  if (threadIdx.x < rows_per_block) {
-    const int group = threadIdx.x / kRows, r = threadIdx.x % kRows;
-    float t = 0.f;
+  const int pair = blockIdx.x * pairs_per_block + threadIdx.x;
+  if (threadIdx.x < pairs_per_block && 2 * pair < p.N) {
+    float sums[kRows] = {};
 #pragma unroll
-    for (int p = 0; p < SPLIT; ++p) t += partial[group * SPLIT + p][r];
-    const int row = blockIdx.x * rows_per_block + threadIdx.x;
-    if (row < N) y[row] = __float2bfloat16(t * 16.f);
+    for (int s = 0; s < SPLIT; ++s)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) sums[r] += partial[threadIdx.x * SPLIT + s][r];
+    finish_pair(p, pair, sums[0] * 16.f, sums[1] * 16.f);  // undo the 1/16 of x_scale
+  }
+}
+
+template <typename T>
+const T* aligned(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+
+const __nv_bfloat16* bf16_of(const torch::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16 && t.is_contiguous() && t.numel() == numel, name,
+              ": contiguous bf16 of ", numel, " elements");
+  return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr<at::BFloat16>());
+}
+
+// The parameters common to every epilogue, checked; the caller sets the epilogue's own.
+Params gemv_params(const torch::Tensor& x, const torch::Tensor& words, const torch::Tensor& grid, int64_t group_size,
+                   const std::optional<torch::Tensor>& norm_weight, double eps) {
+  Params p{};
+  p.K = x.numel();
+  p.N = words.size(0);
+  bf16_of(x, p.K, "x");
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous() && words.size(1) * 8 == p.K,
+              "words: contiguous int32 (N, K/8)");
+  TORCH_CHECK(p.K % 32 == 0 && group_size % 32 == 0 && p.K % group_size == 0 && p.N % 2 == 0,
+              "K, group_size: multiples of 32; N even");
+  TORCH_CHECK(grid.scalar_type() == torch::kHalf && grid.numel() == 2 * p.N * (p.K / group_size), "grid: fp16 (N, groups, 2)");
+  p.words = reinterpret_cast<const uint4*>(words.data_ptr<int>());
+  p.grid = reinterpret_cast<const __half2*>(grid.data_ptr<at::Half>());
+  p.x = aligned<uint4>(x, "x");
+  if (norm_weight.has_value()) {
+    bf16_of(*norm_weight, p.K, "norm_weight");
+    p.norm_weight = aligned<uint4>(*norm_weight, "norm_weight");
+  }
+  p.eps = static_cast<float>(eps);
+  p.group_size = group_size;
+  return p;
+}
+
+template <int SPLIT, bool SMALL_GRID>
+void launch_kernel(const Params& p, int smem, cudaStream_t stream, bool programmatic) {
+  constexpr int pairs_per_block = (SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) / SPLIT;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((p.N / kRows + pairs_per_block - 1) / pairs_per_block);
+  config.blockDim = dim3(pairs_per_block * SPLIT * 32);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;  // may start before the kernel before it has finished (also in a CUDA graph)
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p));
+}
+
+template <int SPLIT>
+void launch_split(const Params& p, int smem, cudaStream_t stream, int device) {
+  struct Device {
+    int major = 0, sms = 0;  // 0: not asked yet
+  };
+  static std::array<Device, 64> devices;
+  Device& d = devices.at(device);
+  if (d.major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  }
+  constexpr int small_pairs_per_block = kSmallGridWarps / SPLIT;
+  const int small_blocks = (p.N / kRows + small_pairs_per_block - 1) / small_pairs_per_block;
+  if (small_blocks <= kSmallGridBlocksPerSM * d.sms)
+    launch_kernel<SPLIT, true>(p, smem, stream, d.major >= 9);
+  else
+    launch_kernel<SPLIT, false>(p, smem, stream, false);
+}
+
+void launch(const Params& p, int64_t split, const torch::Tensor& x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int smem = p.K / 8 * sizeof(uint4);
+  switch (split) {
+    case 1: launch_split<1>(p, smem, stream, x.get_device()); break;
+    case 2: launch_split<2>(p, smem, stream, x.get_device()); break;
+    case 4: launch_split<4>(p, smem, stream, x.get_device()); break;
+    default: TORCH_CHECK(false, "split must be 1, 2 or 4");
   }
 }
 
 }  // namespace
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split) {
-  const int K = x.size(0), N = words.size(0);
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 (K,)");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.size(1) * 8 == K, "words: int32 (N, K/8)");
-  TORCH_CHECK(K % 32 == 0 && group_size % 32 == 0 && K % group_size == 0, "K, group_size: multiples of 32");
-  const at::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({N}, x.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int smem = K / 8 * sizeof(uint4);
-  const auto* w = reinterpret_cast<const uint4*>(words.data_ptr<int>());
-  const auto* g = reinterpret_cast<const __half2*>(grid.data_ptr<at::Half>());
-  const auto* xv = reinterpret_cast<const uint4*>(x.data_ptr<at::BFloat16>());
-  auto* out = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
-  const int rows_per_block = (kWarps / split) * kRows;
-  const int blocks = (N + rows_per_block - 1) / rows_per_block;
-  switch (split) {
-    case 1: int4_gemv_kernel<1><<<blocks, kWarps * 32, smem, stream>>>(w, g, xv, out, K, N, group_size); break;
-    case 2: int4_gemv_kernel<2><<<blocks, kWarps * 32, smem, stream>>>(w, g, xv, out, K, N, group_size); break;
-    case 4: int4_gemv_kernel<4><<<blocks, kWarps * 32, smem, stream>>>(w, g, xv, out, K, N, group_size); break;
-    default: TORCH_CHECK(false, "split must be 1, 2 or 4");
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split,
+                        std::optional<torch::Tensor> norm_weight, double eps, std::optional<torch::Tensor> residual,
+                        bool swiglu) {
+  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
+  TORCH_CHECK(!(swiglu && residual.has_value()), "swiglu and residual do not go together");
+  auto y = torch::empty({swiglu ? p.N / 2 : p.N}, x.options());
+  p.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
+  p.epilogue = swiglu ? kSwiglu : kStore;
+  if (residual.has_value()) {
+    p.residual = bf16_of(*residual, p.N, "residual");
+    p.epilogue = kResidual;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(p, split, x);
   return y;
+}
+
+torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,
+                                   int64_t split, std::optional<torch::Tensor> norm_weight, double eps, torch::Tensor cos,
+                                   torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column) {
+  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes()
+                  && v_cache.is_contiguous(), "k_cache, v_cache: contiguous (1, heads, cache_len, head_dim)");
+  p.heads = k_cache.size(1);
+  p.cache_len = k_cache.size(2);
+  p.head_dim = k_cache.size(3);
+  TORCH_CHECK(p.N == 3 * p.heads * p.head_dim && p.head_dim % 2 == 0, "words: 3 x heads x head_dim rows");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && cos.numel() == p.head_dim / 2 && sin.sizes() == cos.sizes()
+                  && cos.is_contiguous() && sin.is_contiguous(), "cos, sin: contiguous fp32 (head_dim / 2,)");
+  TORCH_CHECK(column.scalar_type() == torch::kLong && column.numel() == 1, "column: one int64");
+  auto q = torch::empty({p.N / 3}, x.options());
+  p.y = reinterpret_cast<__nv_bfloat16*>(q.data_ptr<at::BFloat16>());
+  p.k_cache = const_cast<__nv_bfloat16*>(bf16_of(k_cache, k_cache.numel(), "k_cache"));
+  p.v_cache = const_cast<__nv_bfloat16*>(bf16_of(v_cache, v_cache.numel(), "v_cache"));
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.column = column.data_ptr<int64_t>();
+  p.epilogue = kRopeCache;
+  launch(p, split, x);
+  return q;
 }

@@ -1,11 +1,13 @@
-"""The one-row int4 GEMV of gemv.cu: QuantLinear's kernel for decoding at batch 1 on CUDA.
+"""The one-row int4 GEMV of gemv.cu: QuantLinear's kernel for decoding at batch 1 on CUDA, and the
+fused layer of infer/int4_block.py (RMSNorm prologue; residual, SwiGLU, RoPE-and-cache epilogues).
 
 At one row PyTorch's tinygemm (aten._weight_int4pack_mm) reads its weights at 0.2-1.3 TB/s, far
-from an H100's 3.35. On the S and M shapes this kernel is 1.05-1.34x faster (0.96x on the smallest,
-1024 x 1024, where both take about 2.2 us) and closer to the dequantized weight (results/int4.md).
-It is compiled from source on first use with torch.utils.cpp_extension (about a minute, then cached
-by PyTorch under ~/.cache/torch_extensions), so it needs the CUDA toolkit (nvcc); where that is
-missing or the build fails, QuantLinear keeps tinygemm, as it does with HYPERLOOP_INT4_GEMV=0 set.
+from an H100's 3.35. On the S and M shapes this kernel is 1.27-1.76x faster (results/int4.md), partly
+because on sm_90 small grids are launched as programmatic dependents that fetch their weights while
+the kernel before them finishes (gemv.cu). It is compiled from source on first use with
+torch.utils.cpp_extension (about a minute, then cached by PyTorch under ~/.cache/torch_extensions),
+so it needs the CUDA toolkit (nvcc); where that is missing or the build fails, QuantLinear keeps
+tinygemm, as it does with HYPERLOOP_INT4_GEMV=0 set (and decoding runs the layers op by op).
 Its operands are a layout of its own, derived from the stored GPTQ tensors (`operands`).
 """
 
@@ -34,11 +36,17 @@ def extension():
         return None
     print("hyperloop: loading the int4 GEMV CUDA kernel (the first time it is compiled, about a minute)",
           file=sys.stderr, flush=True)  # fmt: skip
-    declaration = "torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split);"
+    common = "torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split, " \
+             "std::optional<torch::Tensor> norm_weight, double eps"  # fmt: skip
+    declarations = (
+        f"torch::Tensor int4_gemv({common}, std::optional<torch::Tensor> residual, bool swiglu);\n"
+        f"torch::Tensor int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, "
+        "torch::Tensor v_cache, torch::Tensor column);"
+    )
     try:
         source = Path(__file__).with_name("gemv.cu").read_text()
-        return cpp_extension.load_inline("hyperloop_int4_gemv", declaration, cuda_sources=source,
-                                         functions=["int4_gemv"], extra_cuda_cflags=["-O3"])  # fmt: skip
+        return cpp_extension.load_inline("hyperloop_int4_gemv", declarations, cuda_sources=source,
+                                         functions=["int4_gemv", "int4_gemv_rope_cache"], extra_cuda_cflags=["-O3"])  # fmt: skip
     except Exception as error:  # a broken toolkit must not stop decoding: tinygemm still works
         warnings.warn(f"the int4 GEMV kernel did not build, using tinygemm instead: {error}", stacklevel=2)
         return None
@@ -60,23 +68,66 @@ def split_for(in_features: int, out_features: int) -> int:
     return 1
 
 
-def operands(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def operands(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(words, grid) of gemv.cu on packed's device. packed: GPTQ's qweight layout (K/8, N) int32, the
     codes in the order the kernel will read x (act-order: sorted by group); scales, zeros (groups, N).
     words (N, K/8): each row's words side by side; grid (N, groups, 2) fp16: scale and 1024 + zero
-    (the f16 mantissa trick of gemv.cu)."""
-    grid = torch.stack([scales.T.float(), 1024.0 + zeros.T.float()], dim=-1)
-    return packed.T.contiguous(), grid.to(packed.device, torch.float16).contiguous()
+    (the f16 mantissa trick of gemv.cu). `rows`: the weight's rows in the order the kernel is to
+    compute them (its epilogues take outputs in pairs: rope_pairs, swiglu_pairs), default 0..N-1."""
+    words, grid = packed.T, torch.stack([scales.T.float(), 1024.0 + zeros.T.float()], dim=-1)
+    if rows is not None:
+        words, grid = words[rows.to(words.device)], grid[rows.to(grid.device)]
+    return words.contiguous(), grid.to(packed.device, torch.float16).contiguous()
+
+
+def rope_pairs(heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of a fused q|k|v weight as int4_gemv_rope_cache computes them: elements (i, i + D/2) of
+    each head of q, k, then v, pair after pair (the two halves that rotate-half RoPE mixes)."""
+    half = head_dim // 2
+    first = torch.arange(3 * heads).repeat_interleave(half) * head_dim + torch.arange(half).repeat(3 * heads)
+    return torch.stack([first, first + half], dim=1).flatten()
+
+
+def swiglu_pairs(ffn_dim: int) -> torch.Tensor:
+    """Rows of a fused gate|up weight as the swiglu epilogue computes them: (gate_i, up_i) pairs."""
+    gate = torch.arange(ffn_dim)
+    return torch.stack([gate, gate + ffn_dim], dim=1).flatten()
 
 
 @torch.library.custom_op("hyperloop::int4_gemv", mutates_args=())
-def int4_gemv(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int) -> torch.Tensor:
-    """y (N,) = W_hat x for one row x (K,) bf16. A custom op, so torch.compile keeps it as one call."""
-    if x.data_ptr() % 16:  # the kernel reads x 16 bytes at a time
-        x = x.clone()
-    return extension().int4_gemv(x.contiguous(), words, grid, group_size, split)
+def int4_gemv(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+              swiglu: bool = False) -> torch.Tensor:  # fmt: skip
+    """y = W_hat x for one row x (K,) bf16: (N,), or with `residual` (N,) residual + W_hat x, or with
+    `swiglu` silu(gate) * up of the (gate, up) row pairs, (N/2,). With `norm_weight`, x is replaced
+    first by RMSNorm(x) * norm_weight (epsilon `eps`). A custom op, so torch.compile keeps it as one call."""
+    return extension().int4_gemv(aligned(x), words, grid, group_size, split, norm_weight, eps, residual, swiglu)
 
 
 @int4_gemv.register_fake
-def _(x, words, grid, group_size, split):
-    return x.new_empty(words.shape[0])
+def _(x, words, grid, group_size, split, norm_weight=None, eps=0.0, residual=None, swiglu=False):
+    return x.new_empty(words.shape[0] // 2 if swiglu else words.shape[0])
+
+
+@torch.library.custom_op("hyperloop::int4_gemv_rope_cache", mutates_args=("k_cache", "v_cache"))
+def int4_gemv_rope_cache(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int,
+                         norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, column: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The q|k|v projection of one token (rows in rope_pairs order) with RMSNorm before it: returns q
+    (heads * head_dim,) after RoPE, and writes k (after RoPE) and v into column `column` (a 0-d int64
+    on the device) of k_cache and v_cache (1, heads, cache_len, head_dim). cos, sin: (head_dim / 2,)
+    fp32 at the token's position."""
+    return extension().int4_gemv_rope_cache(aligned(x), words, grid, group_size, split, norm_weight, eps, cos, sin,
+                                            k_cache, v_cache, column)  # fmt: skip
+
+
+@int4_gemv_rope_cache.register_fake
+def _(x, words, grid, group_size, split, norm_weight, eps, cos, sin, k_cache, v_cache, column):
+    return x.new_empty(words.shape[0] // 3)
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, contiguous and 16-byte aligned: the kernel reads it 16 bytes at a time."""
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x

@@ -154,10 +154,19 @@ class QuantLinear(nn.Module):
             self._buffers["scales"] = scales.to(self.qweight.device)
         return self
 
+    @property
+    def act_order(self) -> bool:
+        """Whether the input columns are not in group order (GPTQ's act-order)."""
+        return bool((self.g_idx[1:] < self.g_idx[:-1]).any())
+
     # ------------------------------------------------------------------------------- forward
     def _kernel_on(self, device: torch.device) -> bool:
         """Whether this layer can use the int4 kernel on `device` at all."""
         return self.use_kernel and self._kernel_shapes_ok and device.type == "cuda" and tinygemm_available(device.index)
+
+    def gemv_on(self, device: torch.device) -> bool:
+        """Whether one-row inputs on `device` go through our GEMV."""
+        return self._kernel_on(device) and gemv.available(self.in_features)
 
     def _kernel(self, x: torch.Tensor) -> str | None:
         """The kernel for x ("gemv" for one row, else "tinygemm"), or None: dequantize, then F.linear."""
@@ -171,20 +180,23 @@ class QuantLinear(nn.Module):
             return next((n for n in names if n in self._operands and self._operands[n][0] == x.device), None)
         if not self._kernel_on(x.device):
             return None
-        return "gemv" if one_row and gemv.available(self.in_features) else "tinygemm"
+        return "gemv" if one_row and self.gemv_on(x.device) else "tinygemm"
 
-    def _kernel_operands(self, name: str, device: torch.device) -> tuple:
+    def kernel_operands(self, name: str, device: torch.device, rows: torch.Tensor | None = None) -> tuple:
+        """The operands of kernel `name` on `device` and the input permutation (or None), built on
+        first use. A name "gemv:<order>" keeps GEMV operands whose rows come in the order `rows` (for
+        the fused epilogues of infer/int4_block.py), built from `rows` the first time."""
         if name not in self._operands or self._operands[name][0] != device:
             q = self.unpacked()
             codes, perm = q.codes.to(device), None
-            if bool((q.g_idx[1:] < q.g_idx[:-1]).any()):
+            if self.act_order:
                 # act-order: the kernels need each group's columns side by side, so sort the input
                 # columns by group once here and gather the activations the same way per call.
                 perm = torch.argsort(q.g_idx.long(), stable=True).to(device)
                 codes = codes[:, perm]
-            if name == "gemv":
+            if name.startswith("gemv"):
                 packed = self.qweight if perm is None else pack_rows(codes.T, self.bits)
-                words, grid = gemv.operands(packed.to(device), q.scales, q.zeros)
+                words, grid = gemv.operands(packed.to(device), q.scales, q.zeros, rows)
                 kernel = (words, grid, gemv.split_for(self.in_features, self.out_features))
             else:
                 inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (t * TINYGEMM_K_TILE) == 0)
@@ -199,13 +211,13 @@ class QuantLinear(nn.Module):
         device = self.qweight.device
         x = torch.empty(rows, self.in_features, dtype=torch.bfloat16, device=device)
         if (name := self._kernel(x)) is not None:
-            self._kernel_operands(name, device)
+            self.kernel_operands(name, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self._kernel(x)
         if name is None:
             return F.linear(x, self.dequantize(x.dtype))
-        *kernel, perm = self._kernel_operands(name, x.device)
+        *kernel, perm = self.kernel_operands(name, x.device)
         flat = x.reshape(-1, self.in_features)
         if perm is not None:
             flat = flat[:, perm]

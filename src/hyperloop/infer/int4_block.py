@@ -1,0 +1,96 @@
+"""Decoding one token of an int4 model through a decoder layer in five kernels (CUDA, batch 1).
+
+At batch 1 an int4 layer's four matmuls are short (1.6-7 us each with our GEMV on an H100), and a
+compiled step spent about as long in the half dozen small kernels around them: the two RMSNorms,
+RoPE, the two cache writes, SwiGLU's product, the residual adds, 1-2 us each. gemv.cu folds them into
+the GEMVs - the RMSNorm as a prologue (each block of the GEMV normalises the whole input itself), the
+rest as epilogues on pairs of output rows - so a layer (model/layers.py: Block) becomes
+
+    q = wqkv(RMSNorm(h))              RoPE on q and k; k, v written into the cache slot
+    o = decode_attention(q, cache)    infer/decode_attention.py
+    h = h + wo(o)
+    a = w_gate_up(RMSNorm(h))         silu(gate) * up
+    h = h + w_down(a)
+
+(an S step: 94 kernels instead of about 180; int4 decoding 1.85x bf16 instead of 1.29x on an H100,
+results/int4.md). The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every
+layer qualifies (int4 GEMV operands on CUDA, no act-order, no LoRA, bf16 activations); Block.forward
+hands it each one-token call. The results match the op-by-op step's within bf16 rounding
+(tests/test_gpu.py): the fused kernels round once where the op-by-op ones round after each operation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hyperloop.model import HyperloopLM
+from hyperloop.model.hyper import HAS_TRITON, is_power_of_two
+from hyperloop.model.layers import Block
+from hyperloop.quant import gemv
+from hyperloop.quant.linear import QuantLinear
+
+if HAS_TRITON:
+    from hyperloop.infer.decode_attention import decode_attention
+
+# QuantLinear.kernel_operands names of the GEMV operands whose rows are paired for an epilogue
+ROPE, SWIGLU = "gemv:rope", "gemv:swiglu"
+
+
+def _linears(block: Block) -> tuple[torch.nn.Module, ...]:
+    return block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up, block.mlp.w_down
+
+
+class FusedInt4Blocks:
+    """Runs a Block for one token (batch 1) in the five kernels of the module docstring."""
+
+    def __init__(self, model: HyperloopLM):
+        """Builds every layer's GEMV operands, the wqkv and w_gate_up rows in their epilogue's pairs."""
+        cfg, device = model.cfg, model.embed.weight.device
+        for block in model.layers:
+            wqkv, wo, w_gate_up, w_down = _linears(block)
+            wqkv.kernel_operands(ROPE, device, gemv.rope_pairs(cfg.n_heads, cfg.head_dim))
+            w_gate_up.kernel_operands(SWIGLU, device, gemv.swiglu_pairs(cfg.ffn_dim))
+            wo.kernel_operands("gemv", device)
+            w_down.kernel_operands("gemv", device)
+        self.linears = [linear for block in model.layers for linear in _linears(block)]
+
+    @classmethod
+    def for_model(cls, model: HyperloopLM) -> FusedInt4Blocks | None:
+        """The fused layers of `model`, or None where some layer cannot run them."""
+        device, norms = model.embed.weight.device, [p for b in model.layers for p in (b.attn_norm.weight, b.mlp_norm.weight)]
+        qualifies = (
+            HAS_TRITON
+            and model.embed.weight.dtype == torch.bfloat16
+            and is_power_of_two(model.cfg.head_dim)
+            and all(norm.dtype == torch.bfloat16 for norm in norms)
+            and not any(block.attn.lora or block.mlp.lora for block in model.layers)
+            and all(
+                isinstance(linear, QuantLinear) and linear.bits == 4 and linear.gemv_on(device) and not linear.act_order
+                for block in model.layers
+                for linear in _linears(block)
+            )
+        )
+        return cls(model) if qualifies else None
+
+    def __call__(self, block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache, slot: int):
+        """Block.forward(x) for x (1, 1, dim) bf16 through `cache` (a KVCache), or None for any other
+        x (a prefill, another dtype): the caller then runs the block op by op."""
+        if x.shape[:2] != (1, 1) or x.dtype != torch.bfloat16:
+            return None
+        wqkv, wo, w_gate_up, w_down = _linears(block)
+        attn_norm, mlp_norm, heads = block.attn_norm, block.mlp_norm, block.attn.n_heads
+
+        def operands(linear: QuantLinear, name: str = "gemv") -> tuple:
+            words, grid, split, _ = linear.kernel_operands(name, x.device)
+            return words, grid, linear.group_size, split
+
+        h = x.reshape(-1)
+        cos, sin = (table.reshape(-1) for table in rope)
+        k_cache, v_cache = cache.k[slot], cache.v[slot]
+        q = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, cos, sin,
+                                      k_cache, v_cache, cache.column)  # fmt: skip
+        out = decode_attention(q.view(1, heads, 1, -1), k_cache, v_cache, cache.pad, cache.column)
+        h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=h)
+        gated = gemv.int4_gemv(h, *operands(w_gate_up, SWIGLU), norm_weight=mlp_norm.weight, eps=mlp_norm.eps,
+                               swiglu=True)  # fmt: skip
+        return gemv.int4_gemv(gated, *operands(w_down), residual=h).view(1, 1, -1)
