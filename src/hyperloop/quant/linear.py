@@ -180,7 +180,7 @@ class QuantLinear(nn.Module):
             return next((n for n in names if n in self._operands and self._operands[n][0] == x.device), None)
         if not self._kernel_on(x.device):
             return None
-        return "gemv" if one_row and self.gemv_on(x.device) else "tinygemm"
+        return "gemv" if one_row and gemv.available(self.in_features) else "tinygemm"
 
     def kernel_operands(self, name: str, device: torch.device, rows: torch.Tensor | None = None) -> tuple:
         """The operands of kernel `name` on `device` and the input permutation (or None), built on
