@@ -111,9 +111,9 @@ class Decoder:
         self.cuda_graph = on_cuda and cuda_graph is not False
         self._decode = self._run
         if compile:
-            fused = self.cache.fused_block.linears if self.cache.fused_block is not None else []
+            fused = {id(m) for m in self.cache.fused_block.linears} if self.cache.fused_block is not None else set()
             for module in model.modules():
-                if isinstance(module, QuantLinear) and not any(module is linear for linear in fused):
+                if isinstance(module, QuantLinear) and id(module) not in fused:
                     module.prepare_kernel(batch)
             compiled = torch.compile(self._run, fullgraph=True, dynamic=False)
 

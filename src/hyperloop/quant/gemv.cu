@@ -287,17 +287,23 @@ void launch_kernel(const Params& p, int smem, cudaStream_t stream, bool programm
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p));
 }
 
-template <int SPLIT>
-void launch_split(const Params& p, int smem, cudaStream_t stream, int device) {
-  struct Device {
-    int major = 0, sms = 0;  // 0: not asked yet
-  };
+struct Device {
+  int major = 0, sms = 0;  // 0: not asked yet
+};
+
+const Device& device_info(int device) {  // asked once per device
   static std::array<Device, 64> devices;
   Device& d = devices.at(device);
   if (d.major == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
   }
+  return d;
+}
+
+template <int SPLIT>
+void launch_split(const Params& p, int smem, cudaStream_t stream, int device) {
+  const Device& d = device_info(device);
   constexpr int small_pairs_per_block = kSmallGridWarps / SPLIT;
   const int small_blocks = (p.N / kRows + small_pairs_per_block - 1) / small_pairs_per_block;
   if (small_blocks <= kSmallGridBlocksPerSM * d.sms)
