@@ -53,7 +53,7 @@ from hyperloop.quant.linear import QuantLinear
 from hyperloop.quant.quantize import quantize_gptq, quantize_rtn, replace_module
 
 SECTIONS = ("decode", "kernels", "layer-error", "quant-time", "ppl")
-KERNEL_TOLERANCE = 0.02  # bf16 rounding of weights and float zeros gives ~4e-3 (reference notes)
+KERNEL_TOLERANCE = 0.1  # a wrong layout gives O(1); bf16 rounding, 0.004 a layer (reference notes), 0.03 at M's 18
 RUN_KEYS = ("command", "device", "torch", "date")  # stored with every row: rows of several runs are merged
 
 

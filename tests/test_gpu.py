@@ -250,38 +250,49 @@ def test_fused_int4_layers_decode_like_the_op_by_op_step(preset):
     for kernels, compile in ((False, False), (True, False), (True, True)):
         for linear in linears:
             linear.use_kernel = kernels
-        decoder = Decoder(model, 1, 32, compile=compile)
+        decoder = Decoder(model, 1, 100, compile=compile)  # attention over clusters of 4 blocks
         assert (decoder.cache.fused_block is not None) == kernels
         decoder.prefill(prompts)
         outputs.append(torch.stack([decoder.step(tokens)[0].float() for tokens in fed]))
     assert _rel(outputs[1], outputs[0]) < 2e-2 and _rel(outputs[2], outputs[0]) < 2e-2
 
 
-@pytest.mark.parametrize("head_dim, chunk", [(64, 1024), (128, 1024), (64, 256), (128, 256)])
-def test_decode_attention_kernel_matches_masked_sdpa(head_dim, chunk, monkeypatch):
-    """One query per row over a left-padded cache: the kernel visits only columns pad[b] .. column,
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kernel", ["triton", "triton-chunked", "cuda"])
+def test_decode_attention_kernels_match_masked_sdpa(head_dim, kernel, monkeypatch):
+    """One query per row over a left-padded cache: the kernels visit only columns pad[b] .. column,
     SDPA all of them under the cache's mask; the same result (fp32 reference, bf16 inputs). With
-    chunks of 256 columns the 600 are split over three programs and combined."""
+    chunks of 256 columns the Triton kernel splits a 600-column cache over three programs; the CUDA
+    one of the fused int4 layer (gemv.cu) spreads a head over a cluster of 8 blocks at 600 columns,
+    2 at 40, and 1 at 16."""
     import torch.nn.functional as F
 
-    from hyperloop.infer import decode_attention as kernels
+    from hyperloop.infer import decode_attention as triton_kernels
     from hyperloop.infer.cache import KVCache
+    from hyperloop.quant import gemv
 
-    monkeypatch.setattr(kernels, "CHUNK", chunk)
-    B, H, T = 3, 4, 600  # three blocks of columns (decode_attention.BLOCK)
-    cache = KVCache(1, B, H, T, head_dim, dtype=torch.bfloat16, device="cuda")
-    cache.k[0].normal_()
-    cache.v[0].normal_()
-    for column, pad in [(0, [0, 0, 0]), (70, [0, 5, 70]), (599, [0, 64, 300]), (512, [512, 511, 1])]:
-        cache.reset(torch.tensor(pad))
-        cache.column.fill_(column)
-        cache.start(1)
-        q = torch.randn(B, 1, H, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # strided
-        k, v = cache.k[0].float(), cache.v[0].float()
-        want = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=cache._sdpa_mask(cache._columns))
-        got = kernels.decode_attention(q, cache.k[0], cache.v[0], cache.pad, cache.column)
-        assert got.shape == want.shape and got.dtype == torch.bfloat16
-        assert _rel(got, want) < 1e-2
+    if kernel == "cuda" and gemv.extension() is None:
+        pytest.skip("the CUDA kernels did not build here")
+    monkeypatch.setattr(triton_kernels, "CHUNK", 256 if kernel == "triton-chunked" else 1024)
+    B, H = 3, 4
+    for T in (600, 40, 16):
+        cache = KVCache(1, B, H, T, head_dim, dtype=torch.bfloat16, device="cuda")
+        cache.k[0].normal_()
+        cache.v[0].normal_()
+        for column, pad in [(0, [0, 0, 0]), (min(70, T - 1), [0, 5, min(70, T - 1)]), (T - 1, [0, T // 9, T // 2]),
+                            (T - 3, [T - 3, T - 4, 1])]:  # fmt: skip
+            cache.reset(torch.tensor(pad))
+            cache.column.fill_(column)
+            cache.start(1)
+            q = torch.randn(B, 1, H, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # strided
+            k, v = cache.k[0].float(), cache.v[0].float()
+            want = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=cache._sdpa_mask(cache._columns))
+            if kernel == "cuda":
+                got = gemv.decode_attention(q[:, :, 0], cache.k[0], cache.v[0], cache.pad, cache.column).unsqueeze(2)
+            else:
+                got = triton_kernels.decode_attention(q, cache.k[0], cache.v[0], cache.pad, cache.column)
+            assert got.shape == want.shape and got.dtype == torch.bfloat16
+            assert _rel(got, want) < 1e-2, (T, column, pad)
 
 
 @pytest.mark.parametrize("preset", ["transformer-xs", "hyperloop-xs"])

@@ -398,12 +398,14 @@ def test_gemv_prologue_and_epilogues_match_the_plain_operations():
     gate, up = (weight @ normed).split(96)
     close(gemv.int4_gemv(x, *operands, norm_weight=norm_weight, eps=eps, swiglu=True), F.silu(gate) * up)
 
-    heads, head_dim, column = 2, 32, 5
+    heads, head_dim, column, position = 2, 32, 5, 3  # a left-padded row: its position is not its column
     weight, operands = layer(3 * heads * head_dim, gemv.rope_pairs(heads, head_dim))
     k_cache, v_cache = (torch.zeros(1, heads, 16, head_dim, device=cuda, dtype=torch.bfloat16) for _ in range(2))
-    angles = torch.rand(head_dim // 2, device=cuda, dtype=torch.float64) * 6
-    q = gemv.int4_gemv_rope_cache(x, *operands, norm_weight, eps, angles.cos().float(), angles.sin().float(),
-                                  k_cache, v_cache, torch.tensor(column, device=cuda))  # fmt: skip
+    table = torch.rand(16, head_dim // 2, device=cuda, dtype=torch.float64) * 6  # angles by position
+    angles = table[position]
+    q = gemv.int4_gemv_rope_cache(x, *operands, norm_weight, eps, table.cos().float(), table.sin().float(),
+                                  torch.tensor([[position]], device=cuda), k_cache, v_cache,
+                                  torch.tensor(column, device=cuda))  # fmt: skip
     q_exact, k_exact, v_exact = (weight @ normed).view(3, heads, head_dim)
     for fast, exact in ((q.view(heads, head_dim), q_exact), (k_cache[0, :, column], k_exact)):
         first, second = exact.chunk(2, dim=-1)  # rotate-half RoPE

@@ -13,6 +13,11 @@ chunk (T_max <= CHUNK) it writes the output; with more (flash-decoding), each ch
 its running max, sum and weighted values, and a second kernel combines the chunks of a (row, head).
 A query of a decode step is never padding (every prompt has a token), so at least one chunk sees a
 column.
+
+The fused int4 layer (infer/int4_block.py) attends with a CUDA kernel instead (quant/gemv.cu:
+clusters of blocks per head, started while the wqkv GEMV before it finishes). In the bf16 step,
+where the kernel before is not ours and cannot start it early, the two run at the same speed
+(results/int4.json, cuda_attention_dev_2026_11_26), and this one needs no CUDA toolkit.
 """
 
 from __future__ import annotations

@@ -7,13 +7,16 @@ the GEMVs - the RMSNorm as a prologue (each block of the GEMV normalises the who
 rest as epilogues on pairs of output rows - so a layer (model/layers.py: Block) becomes
 
     q = wqkv(RMSNorm(h))              RoPE on q and k; k, v written into the cache slot
-    o = decode_attention(q, cache)    infer/decode_attention.py
+    o = attention(q, cache)           gemv.decode_attention
     h = h + wo(o)
     a = w_gate_up(RMSNorm(h))         silu(gate) * up
     h = h + w_down(a)
 
-(an S step: 94 kernels instead of about 180; int4 decoding 1.85x bf16 instead of 1.29x on an H100,
-results/int4.md). The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every
+(int4 decoding 2.01x bf16 for transformer-s and 2.10x for transformer-m on an H100, against 1.27x
+and 1.58x with the same int4 layers run op by op: results/int4.md). The attention is gemv.cu's too:
+launched as a programmatic dependent of the wqkv GEMV, it loads the cache's older columns while
+that GEMV finishes, and the wqkv kernel reads RoPE's cos/sin from the model's tables at the device
+position (a compiled step gathering them for each layer's call made a copy per call). The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every
 layer qualifies (int4 GEMV operands on CUDA, no act-order, no LoRA, bf16 activations); Block.forward
 hands it each one-token call. The results match the op-by-op step's within bf16 rounding
 (tests/test_gpu.py): the fused kernels round once where the op-by-op ones round after each operation.
@@ -24,13 +27,9 @@ from __future__ import annotations
 import torch
 
 from hyperloop.model import HyperloopLM
-from hyperloop.model.hyper import HAS_TRITON, is_power_of_two
 from hyperloop.model.layers import Block
 from hyperloop.quant import gemv
 from hyperloop.quant.linear import QuantLinear
-
-if HAS_TRITON:
-    from hyperloop.infer.decode_attention import decode_attention
 
 # QuantLinear.kernel_operands names of the GEMV operands whose rows are paired for an epilogue
 ROPE, SWIGLU = "gemv:rope", "gemv:swiglu"
@@ -53,15 +52,15 @@ class FusedInt4Blocks:
             wo.kernel_operands("gemv", device)
             w_down.kernel_operands("gemv", device)
         self.linears = [linear for block in model.layers for linear in _linears(block)]
+        self.cos, self.sin = model.rope.cos, model.rope.sin
 
     @classmethod
     def for_model(cls, model: HyperloopLM) -> FusedInt4Blocks | None:
         """The fused layers of `model`, or None where some layer cannot run them."""
         device, norms = model.embed.weight.device, [p for b in model.layers for p in (b.attn_norm.weight, b.mlp_norm.weight)]
         qualifies = (
-            HAS_TRITON
-            and model.embed.weight.dtype == torch.bfloat16
-            and is_power_of_two(model.cfg.head_dim)
+            model.embed.weight.dtype == torch.bfloat16
+            and model.cfg.head_dim in gemv.ATTENTION_HEAD_DIMS
             and all(norm.dtype == torch.bfloat16 for norm in norms)
             and not any(block.attn.lora or block.mlp.lora for block in model.layers)
             and all(
@@ -72,9 +71,9 @@ class FusedInt4Blocks:
         )
         return cls(model) if qualifies else None
 
-    def __call__(self, block: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache, slot: int):
-        """Block.forward(x) for x (1, 1, dim) bf16 through `cache` (a KVCache), or None for any other
-        x (a prefill, another dtype): the caller then runs the block op by op."""
+    def __call__(self, block: Block, x: torch.Tensor, cache, slot: int):
+        """Block.forward(x) for x (1, 1, dim) bf16 through `cache` (a KVCache) at its `positions`, or
+        None for any other x (a prefill, another dtype): the caller then runs the block op by op."""
         if x.shape[:2] != (1, 1) or x.dtype != torch.bfloat16:
             return None
         wqkv, wo, w_gate_up, w_down = _linears(block)
@@ -85,11 +84,10 @@ class FusedInt4Blocks:
             return words, grid, linear.group_size, split
 
         h = x.reshape(-1)
-        cos, sin = (table.reshape(-1) for table in rope)
         k_cache, v_cache = cache.k[slot], cache.v[slot]
-        q = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, cos, sin,
-                                      k_cache, v_cache, cache.column)  # fmt: skip
-        out = decode_attention(q.view(1, heads, 1, -1), k_cache, v_cache, cache.pad, cache.column)
+        q = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, self.cos, self.sin,
+                                      cache.positions, k_cache, v_cache, cache.column)  # fmt: skip
+        out = gemv.decode_attention(q.view(1, heads, -1), k_cache, v_cache, cache.pad, cache.column)
         h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=h)
         gated = gemv.int4_gemv(h, *operands(w_gate_up, SWIGLU), norm_weight=mlp_norm.weight, eps=mlp_norm.eps,
                                swiglu=True)  # fmt: skip

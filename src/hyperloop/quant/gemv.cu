@@ -5,6 +5,7 @@
 //   epilogues  y <- residual + W_hat x                   (wo, w_down)
 //              y <- silu(gate) * up                      (w_gate_up, rows in (gate_i, up_i) pairs)
 //              q, k <- RoPE(q, k); k, v -> the KV cache  (wqkv, rows in (i, i + D/2) pairs per head)
+// and the layer's attention over the KV cache (decode_attention_kernel, at the end of the file).
 //
 // Operands (gemv.py: operands):
 //   words (N, K/8) int32: row n's codes, K contiguous, eight a word, LSB first (code k in bits 4(k%8)..)
@@ -29,8 +30,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 
@@ -61,8 +64,9 @@ struct Params {
   Epilogue epilogue;
   __nv_bfloat16* y;                // (N,), (N/2,) for kSwiglu, q (N/3,) for kRopeCache
   const __nv_bfloat16* residual;   // kResidual: (N,)
-  const float* cos;                // kRopeCache: (D/2,) at the token's position
+  const float* cos;                // kRopeCache: RoPE tables (positions, D/2), read at row *position
   const float* sin;
+  const int64_t* position;         // the token's RoPE position
   __nv_bfloat16* k_cache;          // kRopeCache: (heads, cache_len, D), written at *column
   __nv_bfloat16* v_cache;
   const int64_t* column;
@@ -93,7 +97,8 @@ __device__ __forceinline__ void finish_pair(const Params& p, int pair, float a, 
       const int half = p.head_dim / 2, per_part = p.heads * half;
       const int part = pair / per_part, head = pair % per_part / half, i = pair % half;
       if (part < 2) {  // rotate-half RoPE on q and k (model/layers.py: apply_rope)
-        const float c = p.cos[i], s = p.sin[i];
+        const size_t at = *p.position * half + i;
+        const float c = p.cos[at], s = p.sin[at];
         const float rotated_a = a * c - b * s;
         b = b * c + a * s;
         a = rotated_a;
@@ -324,6 +329,174 @@ void launch(const Params& p, int64_t split, const torch::Tensor& x) {
   }
 }
 
+
+// ---- The layer's attention: one query a row over the KV cache (int4_block.py, between wqkv and wo) ----
+//   out[b, h] = sum_t softmax_t(q . k_t / sqrt(D)) v_t   over the columns t = pad[b] .. *column
+// Why a kernel of its own (infer/decode_attention.py has a Triton one): one program per head leaves
+// most SMs idle and waits on each of its loads in turn (6.3 us a layer at M). Here each head gets a
+// cluster of up to 8 blocks, so 32 warps share its columns (warp g of G takes g, g + G, ...), each
+// lane holding D/32 elements of every row; and, launched as a programmatic dependent of the wqkv
+// GEMV, a warp loads its first kAttnBatch keys and values before waiting for that kernel: all the
+// columns but the new token's were written by earlier steps. Every warp keeps an online softmax
+// (fp32), the warps of a block combine in shared memory, and block 0 of the cluster combines the
+// blocks through distributed shared memory (sm_90; elsewhere one block a head).
+constexpr int kAttnWarps = 8;
+constexpr int kAttnBatch = 8;        // columns a warp has in flight
+constexpr int kAttnMaxBlocks = 8;    // a portable cluster
+constexpr int kAttnColumnsPerWarp = 8;  // fewer blocks for short caches: at least this many columns a warp
+
+struct AttnParams {
+  const __nv_bfloat16* q;  // (B, H, D)
+  const __nv_bfloat16* k;  // (B, H, cache_len, D)
+  const __nv_bfloat16* v;
+  __nv_bfloat16* out;      // (B, H, D)
+  const int64_t* pad;      // (B,)
+  const int64_t* column;   // the new token's column
+  int heads, cache_len;
+};
+
+template <int E>  // E consecutive bf16: a lane's slice of a row, read in one load
+struct __align__(2 * E) Slice {
+  __nv_bfloat16 v[E];
+};
+
+template <int D>
+struct AttnPartial {  // a softmax over some columns: running max m (log2 units), sum l, weighted values
+  float m, l, acc[D];
+};
+
+// Combines `count` partials into `into` (threads t < D take element t; thread 0 also m and l).
+template <int D, typename Get>
+__device__ __forceinline__ void combine(int count, Get get, float& m, float& l, float& acc_t, int t) {
+  m = -INFINITY;
+  for (int i = 0; i < count; ++i) m = fmaxf(m, get(i)->m);
+  l = 0.f, acc_t = 0.f;
+  for (int i = 0; i < count; ++i) {
+    const AttnPartial<D>* part = get(i);
+    const float weight = part->m == -INFINITY ? 0.f : exp2f(part->m - m);  // a part that saw no column: 0
+    l += weight * part->l;
+    acc_t += weight * part->acc[t];
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(const AttnParams p) {
+  constexpr int E = D / 32;
+  using Row = Slice<E>;
+  __shared__ AttnPartial<D> warp_part[kAttnWarps];
+  __shared__ AttnPartial<D> block_part;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, b = blockIdx.z, h = blockIdx.y;
+  const int G = gridDim.x * kAttnWarps, g = blockIdx.x * kAttnWarps + warp;
+  const size_t head = static_cast<size_t>(b) * p.heads + h;
+  const Row* keys = reinterpret_cast<const Row*>(p.k + head * p.cache_len * D) + lane;  // row t at [t * 32]
+  const Row* values = reinterpret_cast<const Row*>(p.v + head * p.cache_len * D) + lane;
+  // Written before the wqkv GEMV began (earlier kernels and steps): the padding, the counter, old columns.
+  const int first = static_cast<int>(p.pad[b]), last = static_cast<int>(*p.column);
+  Row key[kAttnBatch] = {}, value[kAttnBatch] = {};  // a column not loaded weighs 0: keep 0 * value finite
+#pragma unroll
+  for (int i = 0; i < kAttnBatch; ++i) {
+    const int t = g + i * G;
+    if (t >= first && t < last) key[i] = keys[static_cast<size_t>(t) * 32], value[i] = values[static_cast<size_t>(t) * 32];
+  }
+  wait_for_previous_kernel();  // q and the new token's key and value
+  allow_next_kernel();
+  float query[E];
+  const Row q_row = reinterpret_cast<const Row*>(p.q + head * D)[lane];
+  const float scale = rsqrtf(static_cast<float>(D)) * 1.4426950408889634f;  // exp2 below: log2(e) folded in
+#pragma unroll
+  for (int e = 0; e < E; ++e) query[e] = __bfloat162float(q_row.v[e]) * scale;
+
+  float m = -INFINITY, l = 0.f, acc[E] = {};
+  for (int base = g; base <= last; base += kAttnBatch * G) {
+#pragma unroll
+    for (int i = 0; i < kAttnBatch; ++i) {  // the batch's loads (the first batch: only the new column's)
+      const int t = base + i * G;
+      if (t >= first && t <= last && (base != g || t == last))
+        key[i] = keys[static_cast<size_t>(t) * 32], value[i] = values[static_cast<size_t>(t) * 32];
+    }
+    float score[kAttnBatch];
+#pragma unroll
+    for (int i = 0; i < kAttnBatch; ++i) {
+      score[i] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) score[i] += query[e] * __bfloat162float(key[i].v[e]);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)  // the batch's sums side by side: independent shuffles
+#pragma unroll
+      for (int i = 0; i < kAttnBatch; ++i) score[i] += __shfl_xor_sync(0xffffffffu, score[i], offset);
+    float batch_max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kAttnBatch; ++i) {
+      const int t = base + i * G;
+      if (t < first || t > last) score[i] = -INFINITY;
+      batch_max = fmaxf(batch_max, score[i]);
+    }
+    if (batch_max == -INFINITY) continue;  // padding only
+    const float new_m = fmaxf(m, batch_max), rescale = exp2f(m - new_m);  // 0 while m = -inf
+    l *= rescale;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= rescale;
+#pragma unroll
+    for (int i = 0; i < kAttnBatch; ++i) {
+      const float weight = exp2f(score[i] - new_m);  // 0 for a column outside first..last
+      l += weight;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += weight * __bfloat162float(value[i].v[e]);
+    }
+    m = new_m;
+  }
+
+  if (lane == 0) warp_part[warp].m = m, warp_part[warp].l = l;
+#pragma unroll
+  for (int e = 0; e < E; ++e) warp_part[warp].acc[lane * E + e] = acc[e];
+  __syncthreads();
+  const int t = threadIdx.x;  // element t of the head's output (kAttnWarps * 32 >= D checked at launch)
+  float block_m, block_l, block_acc;
+  if (t < D) {
+    combine<D>(kAttnWarps, [&](int w) { return &warp_part[w]; }, block_m, block_l, block_acc, t);
+    block_part.acc[t] = block_acc;
+    if (t == 0) block_part.m = block_m, block_part.l = block_l;
+  }
+  __nv_bfloat16* out = p.out + head * D;
+  if (gridDim.x == 1) {
+    if (t < D) out[t] = __float2bfloat16(block_acc / block_l);
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every block's partial written
+  if (cluster.block_rank() == 0 && t < D) {
+    float head_m, head_l, head_acc;
+    combine<D>(gridDim.x, [&](int r) { return cluster.map_shared_rank(&block_part, r); }, head_m, head_l, head_acc, t);
+    out[t] = __float2bfloat16(head_acc / head_l);
+  }
+  cluster.sync();  // the other blocks' shared memory stays until block 0 has read it
+#endif
+}
+
+template <int D>
+void launch_attention(const AttnParams& p, int batch, int blocks, cudaStream_t stream, bool programmatic) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks, p.heads, batch);
+  config.blockDim = dim3(kAttnWarps * 32);
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2];
+  int count = 0;
+  if (blocks > 1) {  // the blocks of a head form a cluster
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count++].val.clusterDim = {static_cast<unsigned>(blocks), 1, 1};
+  }
+  if (programmatic) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_attention_kernel<D>, p));
+}
+
 }  // namespace
 
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split,
@@ -344,7 +517,8 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid
 
 torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,
                                    int64_t split, std::optional<torch::Tensor> norm_weight, double eps, torch::Tensor cos,
-                                   torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column) {
+                                   torch::Tensor sin, torch::Tensor position, torch::Tensor k_cache, torch::Tensor v_cache,
+                                   torch::Tensor column) {
   Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes()
                   && v_cache.is_contiguous(), "k_cache, v_cache: contiguous (1, heads, cache_len, head_dim)");
@@ -352,17 +526,52 @@ torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::
   p.cache_len = k_cache.size(2);
   p.head_dim = k_cache.size(3);
   TORCH_CHECK(p.N == 3 * p.heads * p.head_dim && p.head_dim % 2 == 0, "words: 3 x heads x head_dim rows");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat && cos.numel() == p.head_dim / 2 && sin.sizes() == cos.sizes()
-                  && cos.is_contiguous() && sin.is_contiguous(), "cos, sin: contiguous fp32 (head_dim / 2,)");
-  TORCH_CHECK(column.scalar_type() == torch::kLong && column.numel() == 1, "column: one int64");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && cos.dim() == 2 && cos.size(1) == p.head_dim / 2
+                  && sin.sizes() == cos.sizes() && cos.is_contiguous() && sin.is_contiguous(),
+              "cos, sin: contiguous fp32 (positions, head_dim / 2)");
+  TORCH_CHECK(column.scalar_type() == torch::kLong && column.numel() == 1 && position.scalar_type() == torch::kLong
+                  && position.numel() == 1, "column, position: one int64 each");
   auto q = torch::empty({p.N / 3}, x.options());
   p.y = reinterpret_cast<__nv_bfloat16*>(q.data_ptr<at::BFloat16>());
   p.k_cache = const_cast<__nv_bfloat16*>(bf16_of(k_cache, k_cache.numel(), "k_cache"));
   p.v_cache = const_cast<__nv_bfloat16*>(bf16_of(v_cache, v_cache.numel(), "v_cache"));
   p.cos = cos.data_ptr<float>();
   p.sin = sin.data_ptr<float>();
+  p.position = position.data_ptr<int64_t>();
   p.column = column.data_ptr<int64_t>();
   p.epilogue = kRopeCache;
   launch(p, split, x);
   return q;
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pad,
+                               torch::Tensor column) {
+  TORCH_CHECK(q.dim() == 3, "q: (batch, heads, head_dim)");
+  const int64_t batch = q.size(0), heads = q.size(1), D = q.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch && k_cache.size(1) == heads && k_cache.size(3) == D
+                  && v_cache.sizes() == k_cache.sizes(), "k_cache, v_cache: (batch, heads, cache_len, head_dim) as q");
+  TORCH_CHECK(pad.scalar_type() == torch::kLong && pad.numel() == batch && pad.is_contiguous(), "pad: int64 (batch,)");
+  TORCH_CHECK(column.scalar_type() == torch::kLong && column.numel() == 1, "column: one int64");
+  AttnParams p{};
+  p.q = bf16_of(q, q.numel(), "q");
+  p.k = bf16_of(k_cache, k_cache.numel(), "k_cache");
+  p.v = bf16_of(v_cache, v_cache.numel(), "v_cache");
+  auto out = torch::empty_like(q);
+  p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>());
+  p.pad = pad.data_ptr<int64_t>();
+  p.column = column.data_ptr<int64_t>();
+  p.heads = heads;
+  p.cache_len = k_cache.size(2);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Device& d = device_info(q.get_device());
+  const int wanted = (p.cache_len + kAttnWarps * kAttnColumnsPerWarp - 1) / (kAttnWarps * kAttnColumnsPerWarp);
+  const int blocks = d.major >= 9 ? std::min(kAttnMaxBlocks, wanted) : 1;  // clusters: sm_90
+  const bool programmatic = d.major >= 9;
+  switch (D) {
+    case 64: launch_attention<64>(p, batch, blocks, stream, programmatic); break;
+    case 128: launch_attention<128>(p, batch, blocks, stream, programmatic); break;
+    default: TORCH_CHECK(false, "head_dim must be 64 or 128");
+  }
+  return out;
 }

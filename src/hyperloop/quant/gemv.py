@@ -1,5 +1,6 @@
 """The one-row int4 GEMV of gemv.cu: QuantLinear's kernel for decoding at batch 1 on CUDA, and the
-fused layer of infer/int4_block.py (RMSNorm prologue; residual, SwiGLU, RoPE-and-cache epilogues).
+fused layer of infer/int4_block.py (RMSNorm prologue; residual, SwiGLU, RoPE-and-cache epilogues),
+whose attention (`decode_attention`) is a kernel of gemv.cu too.
 
 At one row PyTorch's tinygemm (aten._weight_int4pack_mm) reads its weights at 0.2-1.3 TB/s, far
 from an H100's 3.35. On the S and M shapes this kernel is 1.27-1.76x faster (results/int4.md), partly
@@ -40,13 +41,15 @@ def extension():
              "std::optional<torch::Tensor> norm_weight, double eps"  # fmt: skip
     declarations = (
         f"torch::Tensor int4_gemv({common}, std::optional<torch::Tensor> residual, bool swiglu);\n"
-        f"torch::Tensor int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache, "
-        "torch::Tensor v_cache, torch::Tensor column);"
+        f"torch::Tensor int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, torch::Tensor position, "
+        "torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column);\n"
+        "torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
+        "torch::Tensor pad, torch::Tensor column);"
     )
     try:
         source = Path(__file__).with_name("gemv.cu").read_text()
         return cpp_extension.load_inline("hyperloop_int4_gemv", declarations, cuda_sources=source,
-                                         functions=["int4_gemv", "int4_gemv_rope_cache"], extra_cuda_cflags=["-O3"])  # fmt: skip
+                                         functions=["int4_gemv", "int4_gemv_rope_cache", "decode_attention"], extra_cuda_cflags=["-O3"])  # fmt: skip
     except Exception as error:  # a broken toolkit must not stop decoding: tinygemm still works
         warnings.warn(f"the int4 GEMV kernel did not build, using tinygemm instead: {error}", stacklevel=2)
         return None
@@ -113,18 +116,38 @@ def _(x, words, grid, group_size, split, norm_weight=None, eps=0.0, residual=Non
 @torch.library.custom_op("hyperloop::int4_gemv_rope_cache", mutates_args=("k_cache", "v_cache"))
 def int4_gemv_rope_cache(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int,
                          norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor, column: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                         position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         column: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The q|k|v projection of one token (rows in rope_pairs order) with RMSNorm before it: returns q
     (heads * head_dim,) after RoPE, and writes k (after RoPE) and v into column `column` (a 0-d int64
-    on the device) of k_cache and v_cache (1, heads, cache_len, head_dim). cos, sin: (head_dim / 2,)
-    fp32 at the token's position."""
+    on the device) of k_cache and v_cache (1, heads, cache_len, head_dim). cos, sin: the RoPE tables
+    (positions, head_dim / 2) fp32, read at row `position` (one int64 on the device): the kernel
+    indexes them itself, since a compiled step gathering the row for every layer's call made a
+    copy per call."""
     return extension().int4_gemv_rope_cache(aligned(x), words, grid, group_size, split, norm_weight, eps, cos, sin,
-                                            k_cache, v_cache, column)  # fmt: skip
+                                            position, k_cache, v_cache, column)  # fmt: skip
 
 
 @int4_gemv_rope_cache.register_fake
-def _(x, words, grid, group_size, split, norm_weight, eps, cos, sin, k_cache, v_cache, column):
+def _(x, words, grid, group_size, split, norm_weight, eps, cos, sin, position, k_cache, v_cache, column):
     return x.new_empty(words.shape[0] // 3)
+
+
+ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention's
+
+
+@torch.library.custom_op("hyperloop::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pad: torch.Tensor,
+                     column: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Attention of one query a row, q (B, H, D) bf16 with D in ATTENTION_HEAD_DIMS, over the columns
+    pad[b] .. column of k_cache, v_cache (B, H, T_max, D) (pad (B,), column 0-d, int64 on the device):
+    (B, H, D). The fused layer's attention (gemv.cu); infer/decode_attention.py has the Triton one."""
+    return extension().decode_attention(q.contiguous(), k_cache, v_cache, pad, column)
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, pad, column):
+    return q.new_empty(q.shape)
 
 
 def aligned(x: torch.Tensor) -> torch.Tensor:
