@@ -141,6 +141,25 @@ def test_sinkhorn_is_doubly_stochastic():
 
 
 @pytest.mark.parametrize("h_res", ["sinkhorn", "diagonal", "identity"])
+def test_site_coefficients_of_a_few_rows_equal_those_of_many(h_res):
+    """A decode step's few rows take the projection as a multiply-and-sum, a batch's many rows as a
+    matmul (hyper.FEW_ROWS): the same H_pre, H_post and H_res for the same streams."""
+    from hyperloop.model import hyper
+
+    hc = hyper.HyperConnection(16, 4, h_res)
+    torch.nn.init.normal_(hc.weight, std=0.5)  # coefficients that depend on the streams, not only the biases
+    torch.nn.init.constant_(hc.alpha, 1.0)
+    y = torch.randn(2, hyper.FEW_ROWS, 4, 16)  # 32 rows: the matmul
+    many = hc.coefficients(y)
+    few = hc.coefficients(y[:1, :3])  # 3 rows
+    for got, want in zip(few, many, strict=True):
+        if want is None:  # identity H_res
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want[:1, :3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("h_res", ["sinkhorn", "diagonal", "identity"])
 def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
     """The streams are the residual stream: under bf16 autocast, reading one stream out and keeping
     the streams through H_res must not round them to bf16 (einsum would run as a bf16 matmul)."""
