@@ -15,10 +15,12 @@ rest as epilogues on pairs of output rows - so a layer (model/layers.py: Block) 
 (int4 decoding 2.01x bf16 for transformer-s and 2.10x for transformer-m on an H100, against 1.27x
 and 1.58x with the same int4 layers run op by op: results/int4.md). The attention is gemv.cu's too:
 launched as a programmatic dependent of the wqkv GEMV, it loads the cache's older columns while
-that GEMV finishes, and the wqkv kernel reads RoPE's cos/sin from the model's tables at the device
-position (a compiled step gathering them for each layer's call made a copy per call). The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every
-layer qualifies (int4 GEMV operands on CUDA, no act-order, no LoRA, bf16 activations); Block.forward
-hands it each one-token call. The results match the op-by-op step's within bf16 rounding
+that GEMV finishes; and the wqkv kernel reads RoPE's cos/sin from the model's tables at the device
+position (a compiled step gathering them for each layer's call made a copy per call).
+
+The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every layer qualifies
+(int4 GEMV operands on CUDA, no act-order, no LoRA, bf16 activations, head_dim 64 or 128);
+Block.forward hands it each one-token call. The results match the op-by-op step's within bf16 rounding
 (tests/test_gpu.py): the fused kernels round once where the op-by-op ones round after each operation.
 """
 

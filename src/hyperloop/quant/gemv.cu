@@ -329,12 +329,11 @@ void launch(const Params& p, int64_t split, const torch::Tensor& x) {
   }
 }
 
-
 // ---- The layer's attention: one query a row over the KV cache (int4_block.py, between wqkv and wo) ----
 //   out[b, h] = sum_t softmax_t(q . k_t / sqrt(D)) v_t   over the columns t = pad[b] .. *column
 // Why a kernel of its own (infer/decode_attention.py has a Triton one): one program per head leaves
 // most SMs idle and waits on each of its loads in turn (6.3 us a layer at M). Here each head gets a
-// cluster of up to 8 blocks, so 32 warps share its columns (warp g of G takes g, g + G, ...), each
+// cluster of up to 8 blocks, so up to 64 warps share its columns (warp g of G takes g, g + G, ...), each
 // lane holding D/32 elements of every row; and, launched as a programmatic dependent of the wqkv
 // GEMV, a warp loads its first kAttnBatch keys and values before waiting for that kernel: all the
 // columns but the new token's were written by earlier steps. Every warp keeps an online softmax
@@ -365,7 +364,7 @@ struct AttnPartial {  // a softmax over some columns: running max m (log2 units)
   float m, l, acc[D];
 };
 
-// Combines `count` partials into `into` (threads t < D take element t; thread 0 also m and l).
+// Combines the partials get(0 .. count-1) into m, l and element t of acc (thread t, t < D).
 template <int D, typename Get>
 __device__ __forceinline__ void combine(int count, Get get, float& m, float& l, float& acc_t, int t) {
   m = -INFINITY;
@@ -381,6 +380,7 @@ __device__ __forceinline__ void combine(int count, Get get, float& m, float& l, 
 
 template <int D>
 __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(const AttnParams p) {
+  static_assert(kAttnWarps * 32 >= D, "a thread per element of the head's output");
   constexpr int E = D / 32;
   using Row = Slice<E>;
   __shared__ AttnPartial<D> warp_part[kAttnWarps];
@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(const
 #pragma unroll
   for (int e = 0; e < E; ++e) warp_part[warp].acc[lane * E + e] = acc[e];
   __syncthreads();
-  const int t = threadIdx.x;  // element t of the head's output (kAttnWarps * 32 >= D checked at launch)
+  const int t = threadIdx.x;  // element t of the head's output
   float block_m, block_l, block_acc;
   if (t < D) {
     combine<D>(kAttnWarps, [&](int w) { return &warp_part[w]; }, block_m, block_l, block_acc, t);
