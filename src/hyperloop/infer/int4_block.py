@@ -54,7 +54,8 @@ class FusedInt4Blocks:
             wo.kernel_operands("gemv", device)
             w_down.kernel_operands("gemv", device)
         self.linears = [linear for block in model.layers for linear in _linears(block)]
-        self.cos, self.sin = model.rope.cos, model.rope.sin
+        # the kernel reads fp32 tables (load_model keeps them so; a model cast whole to bf16 would not)
+        self.cos, self.sin = model.rope.cos.float(), model.rope.sin.float()
 
     @classmethod
     def for_model(cls, model: HyperloopLM) -> FusedInt4Blocks | None:
