@@ -314,6 +314,68 @@ def test_decoding_with_the_attention_kernel_matches_sdpa(preset):
     assert _rel(outputs[1], outputs[0]) < 2e-2
 
 
+@pytest.mark.parametrize("n, dim, rows", [(4, 1024, 1), (4, 64, 1), (1, 1024, 3), (8, 512, 2), (2, 128, 16)])
+def test_decode_site_kernel_matches_hyper_py(n, dim, rows):
+    """hc_site.cu's one-kernel site (a cluster of up to 8 blocks a row, or one block for narrow
+    streams) gives hyper.py's read of broadcast streams, and a write followed by the next site's read,
+    by the merge, or alone: the gates to fp32 rounding, the streams and x within bf16 rounding."""
+    from hyperloop.model import decode_site
+
+    sites = [HyperConnection(dim, n, "diagonal", wraps_residual=True, loop_embedding=True) for _ in range(2)]
+    with torch.no_grad():
+        for hc in sites:  # input-dependent gates and a non-zero embedding
+            hc.alpha.fill_(0.5)
+            hc.embedding.normal_()
+    sites = [hc.to("cuda", torch.bfloat16) for hc in sites]
+    if not decode_site.qualifies(sites[0]):
+        pytest.skip("the site kernel needs sm_90 and the CUDA decode kernels built")
+    first, second = sites
+    second.decode_kernel = True  # first's write then does second's read too
+    y = expand_streams(torch.randn(rows, 1, dim, device="cuda", dtype=torch.bfloat16), n)
+    out = [torch.randn(rows, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        x, gates = decode_site.read(first, y)
+        want_x, want = first._read(y, torch.bfloat16)
+        assert _rel(x, want_x) < 1e-2
+        assert _rel(gates.h_post, want[1].flatten(0, -2)) < 1e-4 and _rel(gates.h_res, want[2].flatten(0, -2)) < 1e-4
+        y_new, (x2, gates2) = decode_site.write(first, y, out[0], gates, None, second)
+        want_y = first._write(y, out[0], want)
+        assert _rel(y_new, want_y) < 1e-2  # the reference adds e to out in bf16
+        want_x2, want2 = second._read(y_new, torch.bfloat16)
+        assert _rel(x2, want_x2) < 1e-2 and _rel(gates2.h_res, want2[2].flatten(0, -2)) < 1e-4
+        assert _rel(decode_site.write(first, y, out[0], gates, None, None), want_y) < 1e-2
+        merged = decode_site.write(second, y_new, out[1], gates2, torch.bfloat16, None)
+        assert _rel(merged, second._write(y_new, out[1], want2).float().mean(-2)) < 1e-2
+
+
+@pytest.mark.parametrize("batch, int4", [(3, False), (1, True)])
+def test_decoding_with_the_site_kernel_matches_hyper_py(batch, int4):
+    """A Hyperloop decode (prefill, then steps; graphed, and compiled with the fused int4 layers at
+    batch 1, where the Decoder turns the kernel on) gives the same logits with each loop boundary in
+    hc_site.cu's kernel as with hyper.py's sites."""
+    from hyperloop.infer.bench import build_model
+    from hyperloop.infer.decoder import Decoder
+    from hyperloop.model import decode_site
+
+    cfg = get_preset("hyperloop-xs").replace(vocab_size=512, max_seq_len=256, ffn_dim=768)  # int4: groups of 128
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=int4)
+    if not decode_site.qualifies(model.hc[0]):
+        pytest.skip("the site kernel needs sm_90 and the CUDA decode kernels built")
+    with torch.no_grad():
+        for hc in model.hc:
+            hc.alpha.fill_(0.5)
+    prompts = [torch.randint(1, cfg.vocab_size, (n,)).tolist() for n in (5, 17, 9)[:batch]]
+    fed = torch.randint(1, cfg.vocab_size, (6, batch), device="cuda")
+    outputs = []
+    for kernel in (False, True):
+        decoder = Decoder(model, batch, 40, compile=int4)
+        assert all(hc.decode_kernel for hc in model.hc)
+        for hc in model.hc:
+            hc.decode_kernel = kernel
+        outputs.append(torch.stack([decoder.prefill(prompts).float()] + [decoder.step(t)[0].float() for t in fed]))
+    assert _rel(outputs[1], outputs[0]) < 2e-2
+
+
 @pytest.mark.parametrize("exits", ["all", "some", "none"])
 def test_graphed_early_exit_matches_eager(exits):
     """Early exit recorded as one CUDA graph per loop, with the host check between replays, gives the

@@ -159,6 +159,19 @@ def test_site_coefficients_of_a_few_rows_equal_those_of_many(h_res):
             torch.testing.assert_close(got, want[:1, :3], rtol=1e-5, atol=1e-6)
 
 
+def test_decode_site_kernel_stays_off_on_cpu_and_a_done_read_passes_through():
+    """decode_site.enable turns the one-kernel site on only where it can run (CUDA sm_90+, bf16): on
+    the CPU the sites stay on hyper.py; and a site handed a read the previous write already did
+    (decode_site.Read) returns it as it is."""
+    from hyperloop.model import decode_site
+
+    model = randomized(small())
+    decode_site.enable(model)
+    assert not any(hc.decode_kernel for hc in model.hc)
+    done = decode_site.Read(torch.randn(1, 1, 32), decode_site.Gates(torch.rand(1, 4), torch.rand(1, 4)))
+    assert model.hc[1].read(torch.randn(1, 1, 4, 32), done) is done
+
+
 @pytest.mark.parametrize("h_res", ["sinkhorn", "diagonal", "identity"])
 def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
     """The streams are the residual stream: under bf16 autocast, reading one stream out and keeping

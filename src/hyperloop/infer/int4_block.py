@@ -12,7 +12,7 @@ rest as epilogues on pairs of output rows - so a layer (model/layers.py: Block) 
     a = w_gate_up(RMSNorm(h))         silu(gate) * up
     h = h + w_down(a)
 
-(int4 decoding 2.01x bf16 for transformer-s and 2.10x for transformer-m on an H100, against 1.27x
+(int4 decoding 2.03x bf16 for transformer-s and 2.10x for transformer-m on an H100, against 1.28x
 and 1.58x with the same int4 layers run op by op: results/int4.md). The attention is gemv.cu's too:
 launched as a programmatic dependent of the wqkv GEMV, it loads the cache's older columns while
 that GEMV finishes; and the wqkv kernel reads RoPE's cos/sin from the model's tables at the device

@@ -83,6 +83,8 @@ def _logit(p: float) -> float:
 
 
 class HyperConnection(nn.Module):
+    decode_kernel = False  # decode_site.enable (the Decoder) turns on the one-kernel site of hc_site.cu
+
     def __init__(
         self,
         dim: int,
@@ -162,8 +164,15 @@ class HyperConnection(nn.Module):
         """Start a site: the branch input H_pre y and the coefficients to finish it with. The input is
         in the parameters' dtype, the residual stream's (bf16 streams still feed fp32 branches under
         autocast). CUDA training of a diagonal or Sinkhorn site runs on the Triton kernels of fused_site.py;
-        everything else on `_read`. `ahead`: what the previous site's `write(..., next_site=self)`
-        returned with y."""
+        everything else on `_read`; decoding, on hc_site.cu's kernel (decode_site.py) where the Decoder
+        turned it on. `ahead`: what the previous site's `write(..., next_site=self)` returned with y
+        (a decode_site.Read is this read, already done)."""
+        from hyperloop.model import decode_site
+
+        if isinstance(ahead, decode_site.Read):
+            return ahead
+        if self.decode_kernel and decode_site.applies(y):
+            return decode_site.read(self, y)
         if self.fused(y):
             from hyperloop.model import fused_site
 
@@ -179,6 +188,10 @@ class HyperConnection(nn.Module):
         them (ahead), which saves the read a pass over them; else ahead is None."""
         if merge is not None and next_site is not None:
             raise ValueError("write: merge (the last site) and next_site exclude each other")
+        from hyperloop.model import decode_site
+
+        if isinstance(coeffs, decode_site.Gates):  # from the decode kernel's read
+            return decode_site.write(self, y, out, coeffs, merge, next_site)
         if hasattr(coeffs, "stream"):  # from the fused read: fused_site.Coefficients
             from hyperloop.model import fused_site
 

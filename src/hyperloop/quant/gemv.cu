@@ -276,6 +276,27 @@ Params gemv_params(const torch::Tensor& x, const torch::Tensor& words, const tor
   return p;
 }
 
+// Launches kernel(p) with `config`, its blocks in clusters of `cluster` along x (sm_90; 1: none), and
+// if `programmatic` as a programmatic dependent: it may start before the kernel before it has
+// finished (also in a CUDA graph) and waits for it in wait_for_previous_kernel.
+template <typename KernelParams>
+void launch_with(cudaLaunchConfig_t config, void (*kernel)(KernelParams), const KernelParams& p, int cluster,
+                 bool programmatic) {
+  cudaLaunchAttribute attributes[2];
+  int count = 0;
+  if (cluster > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count++].val.clusterDim = {static_cast<unsigned>(cluster), 1, 1};
+  }
+  if (programmatic) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
 template <int SPLIT, bool SMALL_GRID>
 void launch_kernel(const Params& p, int smem, cudaStream_t stream, bool programmatic) {
   constexpr int pairs_per_block = (SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) / SPLIT;
@@ -284,12 +305,7 @@ void launch_kernel(const Params& p, int smem, cudaStream_t stream, bool programm
   config.blockDim = dim3(pairs_per_block * SPLIT * 32);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attribute;  // may start before the kernel before it has finished (also in a CUDA graph)
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p));
+  launch_with(config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p, 1, programmatic);
 }
 
 struct Device {
@@ -482,19 +498,7 @@ void launch_attention(const AttnParams& p, int batch, int blocks, cudaStream_t s
   config.gridDim = dim3(blocks, p.heads, batch);
   config.blockDim = dim3(kAttnWarps * 32);
   config.stream = stream;
-  cudaLaunchAttribute attributes[2];
-  int count = 0;
-  if (blocks > 1) {  // the blocks of a head form a cluster
-    attributes[count].id = cudaLaunchAttributeClusterDimension;
-    attributes[count++].val.clusterDim = {static_cast<unsigned>(blocks), 1, 1};
-  }
-  if (programmatic) {
-    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  config.attrs = attributes;
-  config.numAttrs = count;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_attention_kernel<D>, p));
+  launch_with(config, decode_attention_kernel<D>, p, blocks, programmatic);  // a head's blocks: a cluster
 }
 
 }  // namespace

@@ -29,29 +29,35 @@ ROWS_PER_WARP = 2  # gemv.cu's kRows
 
 @cache
 def extension():
-    """The compiled gemv.cu, or None where it is not wanted (HYPERLOOP_INT4_GEMV=0) or cannot be
-    built (no CUDA toolkit, a failed build)."""
+    """The compiled decode kernels: gemv.cu and model/hc_site.cu (one unit: the site kernel uses
+    gemv.cu's helpers), or None where they are not wanted (HYPERLOOP_INT4_GEMV=0) or cannot be built
+    (no CUDA toolkit, a failed build)."""
     from torch.utils import cpp_extension
 
     if os.environ.get("HYPERLOOP_INT4_GEMV") == "0" or cpp_extension.CUDA_HOME is None:
         return None
-    print("hyperloop: loading the int4 GEMV CUDA kernel (the first time it is compiled, about a minute)",
+    print("hyperloop: loading the CUDA decode kernels (the first time they are compiled, about a minute)",
           file=sys.stderr, flush=True)  # fmt: skip
     common = "torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split, " \
              "std::optional<torch::Tensor> norm_weight, double eps"  # fmt: skip
+    optional = ", ".join(f"std::optional<torch::Tensor> {name}"
+                         for name in ("out", "h_post", "h_res", "embedding", "weight", "bias", "alpha"))  # fmt: skip
     declarations = (
         f"torch::Tensor int4_gemv({common}, std::optional<torch::Tensor> residual, bool swiglu);\n"
         f"torch::Tensor int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, torch::Tensor position, "
         "torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column);\n"
         "torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
-        "torch::Tensor pad, torch::Tensor column);"
+        "torch::Tensor pad, torch::Tensor column);\n"
+        f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge);"
     )
+    package = Path(__file__).parents[1]
     try:
-        source = Path(__file__).with_name("gemv.cu").read_text()
-        return cpp_extension.load_inline("hyperloop_int4_gemv", declarations, cuda_sources=source,
-                                         functions=["int4_gemv", "int4_gemv_rope_cache", "decode_attention"], extra_cuda_cflags=["-O3"])  # fmt: skip
+        sources = [(package / name).read_text() for name in ("quant/gemv.cu", "model/hc_site.cu")]
+        return cpp_extension.load_inline("hyperloop_decode_kernels", declarations, cuda_sources=sources,
+                                         functions=["int4_gemv", "int4_gemv_rope_cache", "decode_attention",
+                                                    "hc_site_decode"], extra_cuda_cflags=["-O3"])  # fmt: skip
     except Exception as error:  # a broken toolkit must not stop decoding: tinygemm still works
-        warnings.warn(f"the int4 GEMV kernel did not build, using tinygemm instead: {error}", stacklevel=2)
+        warnings.warn(f"the CUDA decode kernels did not build, using tinygemm instead: {error}", stacklevel=2)
         return None
 
 

@@ -1,0 +1,115 @@
+"""A Hyperloop hyper-connection site at decode as one CUDA kernel per loop boundary (hc_site.cu).
+
+At a few rows a compiled site was three or four small kernels (the RMS and projection reduction, the
+gates, the combine, the write), 1-2 us each, about 20 us of a hyperloop-s decode step on an H100
+(results/int4.md). Here each loop boundary is one kernel that does the previous site's write and the
+next site's read together:
+
+    y'  = h_res y + h_post (out + e)                                  (previous site's gates)
+    x   = sum_j h_pre_j y'_j   with the next site's gates from W y' / rms(y')
+
+and the last boundary gives the streams' mean instead (merge). The math is hyper.py's, in fp32, for
+a diagonal H_res (Hyperloop's); the streams y' are stored in bf16 as the compiled step stores them.
+
+Launched as a programmatic dependent (sm_90), it joins the chain of early launches of the fused int4
+layers (infer/int4_block.py): hyperloop-s int4 decode 2,940 -> 3,037 tok/s on an H100, and an
+uncompiled (graphed) bf16 step 573 -> 642. In a compiled bf16 step torch.compile fuses the sites with
+the layers around them, which a custom op prevents, and the kernel was 0.9% slower (1,511 -> 1,498):
+so the Decoder turns it on (`enable`) next to the fused int4 layers and in uncompiled steps, for the
+sites that qualify: CUDA sm_90+, bf16 parameters, n in 1, 2, 4, 8, and the CUDA decode kernels built
+(quant/gemv.py: extension). HyperConnection.read and write then dispatch here for bf16 streams of at
+most hyper.FEW_ROWS rows without autograd.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hyperloop.model.hyper import FEW_ROWS, RMS_EPS, HyperConnection, write_result
+from hyperloop.quant import gemv
+
+STREAMS = (1, 2, 4, 8)  # hc_site.cu's instances
+MAX_STREAM_WIDTH = 8 * 256 * 8  # n x C: a cluster of 8 blocks, 256 threads each, 8 columns a thread
+
+
+class Gates(NamedTuple):
+    """What a kernel read hands the site's write: its gates, (rows, n) fp32."""
+
+    h_post: torch.Tensor
+    h_res: torch.Tensor
+
+
+class Read(NamedTuple):
+    """A site's read, done by the previous site's write: HyperConnection.read returns it as it is."""
+
+    x: torch.Tensor
+    gates: Gates
+
+
+def qualifies(hc: HyperConnection) -> bool:
+    device = hc.weight.device
+    params = [hc.weight, hc.bias, hc.alpha] + ([hc.embedding] if hc.embedding is not None else [])
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9  # the blocks of a row form a cluster
+        and hc.h_res == "diagonal"
+        and hc.n in STREAMS
+        and hc.dim % 64 == 0
+        and hc.n * hc.dim <= MAX_STREAM_WIDTH
+        and all(p.dtype == torch.bfloat16 and p.device == device for p in params)
+        and gemv.extension() is not None
+    )
+
+
+def enable(model: torch.nn.Module, on: bool = True) -> None:
+    """Turn the kernel on (off) for each of the model's sites that qualifies (decode_kernel)."""
+    for hc in model.hc:
+        hc.decode_kernel = on and qualifies(hc)
+
+
+def applies(y: torch.Tensor) -> bool:
+    """Whether streams y (..., n, C) take the kernel: bf16 on CUDA, a few rows, no autograd."""
+    return y.is_cuda and y.dtype == torch.bfloat16 and not torch.is_grad_enabled() and y.shape[:-2].numel() <= FEW_ROWS
+
+
+@torch.library.custom_op("hyperloop::hc_site_decode", mutates_args=())
+def site(y: torch.Tensor, out: torch.Tensor | None, h_post: torch.Tensor | None, h_res: torch.Tensor | None,
+         embedding: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+         alpha: torch.Tensor | None, eps: float, merge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """hc_site.cu on y (rows, n, C): with `out` (and the gates) a write, with `weight` (bias, alpha) a
+    read, `merge` a write that returns the mean. Returns (y', x or the mean, h_post, h_res), each
+    empty where the call does not make it. A custom op, so torch.compile keeps it as one call."""
+    return tuple(gemv.extension().hc_site_decode(y, out, h_post, h_res, embedding, weight, bias, alpha, eps, merge))
+
+
+@site.register_fake
+def _(y, out, h_post, h_res, embedding, weight, bias, alpha, eps, merge):
+    rows, n, C = y.shape
+    reads, writes = weight is not None, out is not None
+    gates = [y.new_empty((rows, n) if reads else 0, dtype=torch.float32) for _ in range(2)]
+    return y.new_empty((rows, n, C) if writes and not merge else 0), y.new_empty((rows, C) if reads or merge else 0), *gates
+
+
+def read(hc: HyperConnection, y: torch.Tensor) -> Read:
+    """The site's branch input and gates from streams y (..., n, C) (the first site's read)."""
+    _, x, h_post, h_res = site(y.flatten(0, -3), None, None, None, None, hc.weight, hc.bias, hc.alpha, RMS_EPS, False)
+    return Read(x.view(*y.shape[:-2], hc.dim), Gates(h_post, h_res))
+
+
+def write(hc: HyperConnection, y: torch.Tensor, out: torch.Tensor, gates: Gates, merge: torch.dtype | None,
+          next_site: HyperConnection | None):  # fmt: skip
+    """HyperConnection.write for gates from the kernel: with a next site that takes the kernel too,
+    its read in the same kernel, returned as (y', Read) for next_site.read(y', ahead)."""
+    streams, written = y.flatten(0, -3), out.reshape(-1, hc.dim).contiguous()
+    reads_next = next_site is not None and next_site.decode_kernel
+    weight, bias, alpha = (next_site.weight, next_site.bias, next_site.alpha) if reads_next else (None, None, None)
+    y_new, x, h_post, h_res = site(streams, written, gates.h_post, gates.h_res, hc.embedding, weight, bias, alpha,
+                                   RMS_EPS, merge is not None)  # fmt: skip
+    if merge is not None:
+        return x.view(out.shape).to(merge)
+    y_new = y_new.view(y.shape)
+    if reads_next:
+        return y_new, Read(x.view(out.shape), Gates(h_post, h_res))
+    return write_result(y_new, None, next_site)

@@ -1,0 +1,254 @@
+// A Hyperloop hyper-connection site at decode, for a few rows (model/decode_site.py): one kernel at
+// each loop boundary, where a compiled step ran three or four (an RMS-and-projection reduction, the
+// gates, the combine, the write). Compiled in one unit after quant/gemv.cu (quant/gemv.py: extension),
+// whose launch and programmatic-launch helpers, device query and argument checks it uses.
+//
+// For streams y (R, n, C) and a diagonal H_res, as model/hyper.py computes them:
+//   WRITE  y'_j = h_res_j y_j + h_post_j (out + e)       the previous site's write, with its gates
+//   READ   u = W y' / rms(y')                             the next site's read, W (3n, nC)
+//          h_pre  = sigmoid(a_pre u_pre + b_pre),   h_post' = 2 sigmoid(a_post u_post + b_post),
+//          h_res' = sigmoid(a_res u_res + b_res),   x = sum_j h_pre_j y'_j   (its branch input)
+//   MERGE  the mean of the y'_j instead of storing them (the last site)
+// WRITE alone stores y'; READ alone reads y (the first site, y a broadcast of one stream).
+//
+// A row's columns are split over a cluster of blocks (sm_90), each thread holding 8 columns of one
+// stream. Each block sums its share of u and of y'^2, the blocks exchange those 3n + 1 sums through
+// distributed shared memory, and every block then computes the gates itself and its columns of x.
+// Launched as a programmatic dependent (sm_90), a block requests W and, when it writes, the old
+// streams and gates (earlier kernels' results) before waiting for the kernel before (the branch's
+// last layer, which gives `out`), and lets the next one start its own early loads.
+
+namespace {
+
+constexpr int kSiteMaxClusterBlocks = 8;  // a portable cluster
+constexpr int kSiteColumns = 8;           // a thread's columns of one stream: one 16-byte load
+constexpr int kSiteMaxThreads = 256;      // a block's (n = 8 takes about 230 registers a thread)
+
+struct SiteParams {
+  const __nv_bfloat16* y;  // (R, n, C) streams, row and stream strides below (0: a broadcast)
+  int64_t y_row, y_stream;
+  const __nv_bfloat16* out;         // WRITE: (R, C) the branch output
+  const float* h_post;              // WRITE: (R, n) the previous site's gates
+  const float* h_res;
+  const __nv_bfloat16* embedding;   // WRITE: (C,) the loop embedding e, or nullptr
+  const __nv_bfloat16* weight;      // READ: (3n, nC) [W_pre; W_post; W_res]
+  const __nv_bfloat16* bias;        // READ: (3n,)
+  const __nv_bfloat16* alpha;       // READ: (3,) a_pre, a_post, a_res
+  float eps;
+  __nv_bfloat16* y_new;             // WRITE without MERGE: (R, n, C)
+  __nv_bfloat16* x;                 // READ: (R, C) the branch input; MERGE: (R, C) the streams' mean
+  float* gates_post;                // READ: (R, n) the site's h_post and h_res, for its write
+  float* gates_res;
+  int C;
+  bool write, read, merge;
+};
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
+
+template <int N>
+__global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SiteParams p) {
+  constexpr int P = 3 * N;  // gate rows; sums[P] is the sum of squares
+  extern __shared__ float mixed[];  // (N, columns of the block): products summed over the streams
+  __shared__ float warp_sums[kSiteMaxThreads / 32][P + 1];
+  __shared__ float block_sums[P + 1];  // read by the cluster's other blocks
+  __shared__ float totals[P + 1];
+  __shared__ float h_pre[N];
+  const int row = blockIdx.y, cols = p.C / gridDim.x, chunks = cols / kSiteColumns;
+  const int j = threadIdx.x / chunks, local = threadIdx.x % chunks * kSiteColumns;
+  const int col = blockIdx.x * cols + local;  // the thread's first column in the row
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // What the kernel before does not write: the weights, and (WRITE) the streams and gates of the
+  // site before, written by an earlier kernel (the one before waited for it before letting us start).
+  uint4 w[P];
+  if (p.read)
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      w[q] = *reinterpret_cast<const uint4*>(p.weight + static_cast<size_t>(q) * N * p.C + j * p.C + col);
+  const uint4* y_at = reinterpret_cast<const uint4*>(p.y + row * p.y_row + j * p.y_stream + col);
+  uint4 y_raw{}, e_raw{};
+  float post = 0.f, keep = 0.f;
+  if (p.write) {
+    y_raw = *y_at;
+    post = p.h_post[row * N + j], keep = p.h_res[row * N + j];
+    if (p.embedding != nullptr) e_raw = *reinterpret_cast<const uint4*>(p.embedding + col);
+  }
+  wait_for_previous_kernel();
+  allow_next_kernel();
+
+  float v[kSiteColumns];  // y'_j at the thread's columns, rounded as stored
+  if (p.write) {
+    float y_old[kSiteColumns], out[kSiteColumns], e[kSiteColumns];
+    bf16x8_to_float(y_raw, y_old);
+    bf16x8_to_float(*reinterpret_cast<const uint4*>(p.out + row * p.C + col), out);
+    bf16x8_to_float(e_raw, e);  // zeros without an embedding
+    uint4 stored;
+    __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(&stored);
+#pragma unroll
+    for (int c = 0; c < kSiteColumns; ++c) {
+      s[c] = __float2bfloat16(keep * y_old[c] + post * (out[c] + e[c]));
+      v[c] = __bfloat162float(s[c]);
+    }
+    if (!p.merge)
+      *reinterpret_cast<uint4*>(p.y_new + (static_cast<size_t>(row) * N + j) * p.C + col) = stored;
+  } else {
+    bf16x8_to_float(*y_at, v);  // the kernel before wrote y
+  }
+
+  float weight_of_stream = 1.f / N;  // MERGE: the mean
+  if (p.read) {
+    float sums[P + 1];
+#pragma unroll
+    for (int q = 0; q < P; ++q) {
+      float wq[kSiteColumns];
+      bf16x8_to_float(w[q], wq);
+      sums[q] = 0.f;
+#pragma unroll
+      for (int c = 0; c < kSiteColumns; ++c) sums[q] += wq[c] * v[c];
+    }
+    sums[P] = 0.f;
+#pragma unroll
+    for (int c = 0; c < kSiteColumns; ++c) sums[P] += v[c] * v[c];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+#pragma unroll
+      for (int q = 0; q <= P; ++q) sums[q] += __shfl_xor_sync(0xffffffffu, sums[q], offset);
+    if (lane == 0)
+#pragma unroll
+      for (int q = 0; q <= P; ++q) warp_sums[warp][q] = sums[q];
+    __syncthreads();
+    const int t = threadIdx.x;
+    if (t <= P) {
+      float sum = 0.f;
+      for (int k = 0; k < static_cast<int>(blockDim.x) / 32; ++k) sum += warp_sums[k][t];
+      block_sums[t] = sum;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (gridDim.x > 1) {
+      cluster.sync();  // every block's sums written
+      if (t <= P) {
+        float sum = 0.f;
+        for (int r = 0; r < static_cast<int>(gridDim.x); ++r) sum += *cluster.map_shared_rank(&block_sums[t], r);
+        totals[t] = sum;
+      }
+    } else if (t <= P) {
+      totals[t] = block_sums[t];
+    }
+#else
+    if (t <= P) totals[t] = block_sums[t];  // one block a row
+#endif
+    __syncthreads();
+    if (t < N) {  // stream t's gates, the same in every block
+      const float inv_rms = rsqrtf(totals[P] / (N * p.C) + p.eps);
+      const float a_pre = __bfloat162float(p.alpha[0]), a_post = __bfloat162float(p.alpha[1]),
+                  a_res = __bfloat162float(p.alpha[2]);
+      h_pre[t] = sigmoid(a_pre * (totals[t] * inv_rms) + __bfloat162float(p.bias[t]));
+      if (blockIdx.x == 0) {
+        p.gates_post[row * N + t] = 2.f * sigmoid(a_post * (totals[N + t] * inv_rms) + __bfloat162float(p.bias[N + t]));
+        p.gates_res[row * N + t] = sigmoid(a_res * (totals[2 * N + t] * inv_rms) + __bfloat162float(p.bias[2 * N + t]));
+      }
+    }
+    __syncthreads();
+    weight_of_stream = h_pre[j];
+  }
+
+  if (p.read || p.merge) {  // x (or the mean) = sum_j weight_j y'_j, the streams summed in order
+#pragma unroll
+    for (int c = 0; c < kSiteColumns; ++c) mixed[j * cols + local + c] = weight_of_stream * v[c];
+    __syncthreads();
+    if (j == 0) {
+      uint4 stored;
+      __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(&stored);
+#pragma unroll
+      for (int c = 0; c < kSiteColumns; ++c) {
+        float sum = mixed[local + c];
+#pragma unroll
+        for (int k = 1; k < N; ++k) sum += mixed[k * cols + local + c];
+        s[c] = __float2bfloat16(sum);
+      }
+      *reinterpret_cast<uint4*>(p.x + row * p.C + col) = stored;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (p.read && gridDim.x > 1) cooperative_groups::this_cluster().sync();  // our block_sums stay until all have read them
+#endif
+}
+
+template <int N>
+void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream, bool programmatic) {
+  const int cols = p.C / blocks;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks, rows);
+  config.blockDim = dim3(N * cols / kSiteColumns);
+  config.dynamicSmemBytes = N * cols * sizeof(float);
+  config.stream = stream;
+  launch_with(config, hc_site_kernel<N>, p, blocks, programmatic);  // a row's blocks: a cluster
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, std::optional<torch::Tensor> out,
+                                          std::optional<torch::Tensor> h_post, std::optional<torch::Tensor> h_res,
+                                          std::optional<torch::Tensor> embedding, std::optional<torch::Tensor> weight,
+                                          std::optional<torch::Tensor> bias, std::optional<torch::Tensor> alpha,
+                                          double eps, bool merge) {
+  TORCH_CHECK(y.dim() == 3 && y.scalar_type() == torch::kBFloat16 && y.stride(2) == 1, "y: bf16 (rows, n, C), C contiguous");
+  const int64_t rows = y.size(0), n = y.size(1), C = y.size(2);
+  SiteParams p{};
+  p.y = reinterpret_cast<const __nv_bfloat16*>(y.data_ptr<at::BFloat16>());
+  p.y_row = y.stride(0), p.y_stream = y.stride(1);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && p.y_row % 8 == 0 && p.y_stream % 8 == 0,
+              "y: 16-byte aligned rows and streams");
+  p.C = C, p.eps = static_cast<float>(eps);
+  p.write = out.has_value(), p.read = weight.has_value(), p.merge = merge;
+  TORCH_CHECK(p.write || p.read, "hc_site_decode: nothing to do (no out, no weight)");
+  TORCH_CHECK(!(p.read && merge) && (p.write || !merge), "merge: a write without a read");
+  auto options = y.options();
+  auto none = [&] { return torch::empty({0}, options); };  // an output this call does not make (none aliases)
+  torch::Tensor y_new = none(), x = none(), gates_post = none(), gates_res = none();
+  if (p.write) {
+    p.out = bf16_of(*out, rows * C, "out");
+    TORCH_CHECK(h_post.has_value() && h_res.has_value(), "a write needs the gates h_post, h_res");
+    for (const torch::Tensor* g : {&*h_post, &*h_res})
+      TORCH_CHECK(g->scalar_type() == torch::kFloat && g->is_contiguous() && g->numel() == rows * n, "h_post, h_res: fp32 (rows, n)");
+    p.h_post = h_post->data_ptr<float>(), p.h_res = h_res->data_ptr<float>();
+    if (embedding.has_value()) p.embedding = bf16_of(*embedding, C, "embedding");
+    if (!merge) {
+      y_new = torch::empty({rows, n, C}, options);
+      p.y_new = reinterpret_cast<__nv_bfloat16*>(y_new.data_ptr<at::BFloat16>());
+    }
+  }
+  if (p.read) {
+    p.weight = bf16_of(*weight, 3 * n * n * C, "weight");
+    TORCH_CHECK(bias.has_value() && alpha.has_value(), "a read needs bias and alpha");
+    p.bias = bf16_of(*bias, 3 * n, "bias"), p.alpha = bf16_of(*alpha, 3, "alpha");
+    gates_post = torch::empty({rows, n}, options.dtype(torch::kFloat));
+    gates_res = torch::empty({rows, n}, options.dtype(torch::kFloat));
+    p.gates_post = gates_post.data_ptr<float>(), p.gates_res = gates_res.data_ptr<float>();
+  }
+  if (p.read || merge) {
+    x = torch::empty({rows, C}, options);
+    p.x = reinterpret_cast<__nv_bfloat16*>(x.data_ptr<at::BFloat16>());
+  }
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Device& d = device_info(y.get_device());
+  // blocks a row: as many as a cluster takes while each keeps whole warps and 8 columns a thread
+  int blocks = 1;
+  if (d.major >= 9)
+    while (blocks < kSiteMaxClusterBlocks && n * C % (2 * blocks * kSiteColumns * 32) == 0) blocks *= 2;
+  TORCH_CHECK(C % (blocks * kSiteColumns) == 0 && n * C % (blocks * kSiteColumns * 32) == 0
+                  && n * C / (blocks * kSiteColumns) <= kSiteMaxThreads,
+              "n x C: a multiple of 256 and at most ", kSiteMaxThreads * kSiteColumns * blocks);
+  const bool programmatic = d.major >= 9;
+  switch (n) {
+    case 1: launch_site<1>(p, rows, blocks, stream, programmatic); break;
+    case 2: launch_site<2>(p, rows, blocks, stream, programmatic); break;
+    case 4: launch_site<4>(p, rows, blocks, stream, programmatic); break;
+    case 8: launch_site<8>(p, rows, blocks, stream, programmatic); break;
+    default: TORCH_CHECK(false, "n (streams) must be 1, 2, 4 or 8");
+  }
+  return {y_new, x, gates_post, gates_res};
+}
