@@ -172,6 +172,17 @@ def test_decode_site_kernel_stays_off_on_cpu_and_a_done_read_passes_through():
     assert model.hc[1].read(torch.randn(1, 1, 4, 32), done) is done
 
 
+def test_decode_site_kernel_takes_the_stream_widths_its_launch_can_lay_out():
+    """decode_site.fits mirrors hc_site.cu's launch (whole warps, at most 256 threads a block, a
+    cluster of up to 8): the S and M widths and narrow ones fit; widths it would reject do not."""
+    from hyperloop.model.decode_site import fits
+
+    for n, dim in [(4, 1024), (4, 2048), (8, 2048), (1, 1024), (2, 128), (4, 64), (8, 256), (4, 320)]:
+        assert fits(n, dim), (n, dim)  # 4 x 320 = 1280: one block of 160 threads
+    for n, dim in [(4, 576), (3, 1024), (1, 64), (4, 40), (8, 4096)]:
+        assert not fits(n, dim), (n, dim)  # 4 x 576 = 2304: 288 threads, or no cluster of 8 divides it
+
+
 @pytest.mark.parametrize("h_res", ["sinkhorn", "diagonal", "identity"])
 def test_stream_combines_stay_fp32_under_bf16_autocast(h_res):
     """The streams are the residual stream: under bf16 autocast, reading one stream out and keeping

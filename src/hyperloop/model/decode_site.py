@@ -31,7 +31,8 @@ from hyperloop.model.hyper import FEW_ROWS, RMS_EPS, HyperConnection, write_resu
 from hyperloop.quant import gemv
 
 STREAMS = (1, 2, 4, 8)  # hc_site.cu's instances
-MAX_STREAM_WIDTH = 8 * 256 * 8  # n x C: a cluster of 8 blocks, 256 threads each, 8 columns a thread
+ONE_BLOCK_WIDTH = 256 * 8  # n x C of a row on one block: 256 threads, 8 columns a thread
+MAX_STREAM_WIDTH = 8 * ONE_BLOCK_WIDTH  # on a cluster of 8 blocks
 
 
 class Gates(NamedTuple):
@@ -48,6 +49,14 @@ class Read(NamedTuple):
     gates: Gates
 
 
+def fits(n: int, dim: int) -> bool:
+    """Whether hc_site.cu's launch takes n streams of width dim: whole warps of 8 columns a thread, a
+    row on at most 256 threads (n x dim <= 2048), or on a cluster of 8 such blocks (a multiple of 2048)."""
+    width = n * dim
+    return (n in STREAMS and dim % 64 == 0 and width % 256 == 0 and width <= MAX_STREAM_WIDTH
+            and (width <= ONE_BLOCK_WIDTH or width % ONE_BLOCK_WIDTH == 0))  # fmt: skip
+
+
 def qualifies(hc: HyperConnection) -> bool:
     device = hc.weight.device
     params = [hc.weight, hc.bias, hc.alpha] + ([hc.embedding] if hc.embedding is not None else [])
@@ -55,9 +64,7 @@ def qualifies(hc: HyperConnection) -> bool:
         device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9  # the blocks of a row form a cluster
         and hc.h_res == "diagonal"
-        and hc.n in STREAMS
-        and hc.dim % 64 == 0
-        and hc.n * hc.dim <= MAX_STREAM_WIDTH
+        and fits(hc.n, hc.dim)
         and all(p.dtype == torch.bfloat16 and p.device == device for p in params)
         and gemv.extension() is not None
     )
