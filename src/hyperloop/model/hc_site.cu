@@ -123,22 +123,19 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
       for (int k = 0; k < static_cast<int>(blockDim.x) / 32; ++k) sum += warp_sums[k][t];
       block_sums[t] = sum;
     }
+    if (gridDim.x == 1) {  // one block a row (always off sm_90)
+      if (t <= P) totals[t] = block_sums[t];
+    } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    if (gridDim.x > 1) {
+      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
       cluster.sync();  // every block's sums written
       if (t <= P) {
         float sum = 0.f;
         for (int r = 0; r < static_cast<int>(gridDim.x); ++r) sum += *cluster.map_shared_rank(&block_sums[t], r);
         totals[t] = sum;
       }
-    } else if (t <= P) {
-      totals[t] = block_sums[t];
-    }
-#else
-    if (t <= P) totals[t] = block_sums[t];  // one block a row
 #endif
+    }
     __syncthreads();
     if (t < N) {  // stream t's gates, the same in every block
       const float inv_rms = rsqrtf(totals[P] / (N * p.C) + p.eps);
