@@ -11,7 +11,7 @@ import torch
 
 from hyperloop.config import get_preset
 from hyperloop.model import HyperloopLM
-from hyperloop.model.hyper import HyperConnection, expand_streams
+from hyperloop.model.hyper import HyperConnection, expand_streams, sinkhorn
 from hyperloop.train.distributed import compile_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -229,11 +229,12 @@ def test_compiled_int4_decode_matches_eager(batch):
     assert ("gemv" in kernels) == (batch == 1 and gemv.available(cfg.dim))  # tinygemm: the 16-row prefills
 
 
-@pytest.mark.parametrize("preset", ["transformer-xs", "hyperloop-xs"])
+@pytest.mark.parametrize("preset", ["transformer-xs", "hyperloop-xs", "mhc-xs"])
 def test_fused_int4_layers_decode_like_the_op_by_op_step(preset):
-    """At batch 1 an int4 model's layers run as five fused kernels each (infer/int4_block.py), eagerly
-    and compiled (graphed, the GEMVs launched as programmatic dependents); the logits match those of
-    the same layers run op by op on the dequantized weights, with no int4 kernel at all."""
+    """At batch 1 an int4 model's layers run as five fused kernels each (infer/int4_block.py; mHC's
+    one sub-layer at a time), eagerly and compiled (graphed, the GEMVs launched as programmatic
+    dependents); the logits match those of the same layers run op by op on the dequantized weights,
+    with no int4 kernel at all."""
     from hyperloop.infer.bench import build_model
     from hyperloop.infer.decoder import Decoder
     from hyperloop.quant import gemv
@@ -314,22 +315,32 @@ def test_decoding_with_the_attention_kernel_matches_sdpa(preset):
     assert _rel(outputs[1], outputs[0]) < 2e-2
 
 
-@pytest.mark.parametrize("n, dim, rows", [(4, 1024, 1), (4, 64, 1), (1, 1024, 3), (8, 512, 2), (2, 128, 16)])
-def test_decode_site_kernel_matches_hyper_py(n, dim, rows):
+@pytest.mark.parametrize("h_res, n, dim, rows", [("diagonal", 4, 1024, 1), ("diagonal", 4, 64, 1),
+    ("diagonal", 1, 1024, 3), ("diagonal", 8, 512, 2), ("diagonal", 2, 128, 16), ("sinkhorn", 4, 1024, 1),
+    ("sinkhorn", 4, 2048, 2), ("sinkhorn", 2, 128, 16), ("sinkhorn", 1, 512, 3)])  # fmt: skip
+def test_decode_site_kernel_matches_hyper_py(h_res, n, dim, rows):
     """hc_site.cu's one-kernel site (a cluster of up to 8 blocks a row, or one block for narrow
     streams) gives hyper.py's read of broadcast streams, and a write followed by the next site's read,
-    by the merge, or alone: the gates to fp32 rounding, the streams and x within bf16 rounding."""
+    by the merge, or alone: the gates to fp32 rounding, the streams and x within bf16 rounding.
+    Hyperloop's sites (diagonal H_res, a loop embedding) and mHC's (Sinkhorn H_res, whose read gives
+    the logits and whose write runs the iterations)."""
     from hyperloop.model import decode_site
 
-    sites = [HyperConnection(dim, n, "diagonal", wraps_residual=True, loop_embedding=True) for _ in range(2)]
+    hyperloop = h_res == "diagonal"
+    sites = [HyperConnection(dim, n, h_res, wraps_residual=hyperloop, loop_embedding=hyperloop) for _ in range(2)]
     with torch.no_grad():
         for hc in sites:  # input-dependent gates and a non-zero embedding
             hc.alpha.fill_(0.5)
-            hc.embedding.normal_()
+            if hyperloop:
+                hc.embedding.normal_()
     sites = [hc.to("cuda", torch.bfloat16) for hc in sites]
     if not decode_site.qualifies(sites[0]):
         pytest.skip("the site kernel needs sm_90 and the CUDA decode kernels built")
     first, second = sites
+
+    def h_res_of(gates):  # the kernel's read gives a Sinkhorn site's logits
+        return gates.h_res if hyperloop else sinkhorn(gates.h_res.unflatten(-1, (n, n)), first.sinkhorn_iters)
+
     second.decode_kernel = True  # first's write then does second's read too
     y = expand_streams(torch.randn(rows, 1, dim, device="cuda", dtype=torch.bfloat16), n)
     out = [torch.randn(rows, 1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -337,27 +348,28 @@ def test_decode_site_kernel_matches_hyper_py(n, dim, rows):
         x, gates = decode_site.read(first, y)
         want_x, want = first._read(y, torch.bfloat16)
         assert _rel(x, want_x) < 1e-2
-        assert _rel(gates.h_post, want[1].flatten(0, -2)) < 1e-4 and _rel(gates.h_res, want[2].flatten(0, -2)) < 1e-4
+        assert _rel(gates.h_post, want[1].flatten(0, 1)) < 1e-4 and _rel(h_res_of(gates), want[2].flatten(0, 1)) < 1e-4
         y_new, (x2, gates2) = decode_site.write(first, y, out[0], gates, None, second)
         want_y = first._write(y, out[0], want)
         assert _rel(y_new, want_y) < 1e-2  # the reference adds e to out in bf16
         want_x2, want2 = second._read(y_new, torch.bfloat16)
-        assert _rel(x2, want_x2) < 1e-2 and _rel(gates2.h_res, want2[2].flatten(0, -2)) < 1e-4
+        assert _rel(x2, want_x2) < 1e-2 and _rel(h_res_of(gates2), want2[2].flatten(0, 1)) < 1e-4
         assert _rel(decode_site.write(first, y, out[0], gates, None, None), want_y) < 1e-2
         merged = decode_site.write(second, y_new, out[1], gates2, torch.bfloat16, None)
         assert _rel(merged, second._write(y_new, out[1], want2).float().mean(-2)) < 1e-2
 
 
+@pytest.mark.parametrize("arch", ["hyperloop", "mhc"])
 @pytest.mark.parametrize("batch, int4", [(3, False), (1, True)])
-def test_decoding_with_the_site_kernel_matches_hyper_py(batch, int4):
-    """A Hyperloop decode (prefill, then steps; graphed, and compiled with the fused int4 layers at
-    batch 1, where the Decoder turns the kernel on) gives the same logits with each loop boundary in
-    hc_site.cu's kernel as with hyper.py's sites."""
+def test_decoding_with_the_site_kernel_matches_hyper_py(arch, batch, int4):
+    """A Hyperloop or mHC decode (prefill, then steps; graphed, and compiled with the fused int4 layers
+    at batch 1, where the Decoder turns the kernel on) gives the same logits with each site boundary
+    in hc_site.cu's kernel as with hyper.py's sites."""
     from hyperloop.infer.bench import build_model
     from hyperloop.infer.decoder import Decoder
     from hyperloop.model import decode_site
 
-    cfg = get_preset("hyperloop-xs").replace(vocab_size=512, max_seq_len=256, ffn_dim=768)  # int4: groups of 128
+    cfg = get_preset(f"{arch}-xs").replace(vocab_size=512, max_seq_len=256, ffn_dim=768)  # int4: groups of 128
     model = build_model(cfg, torch.device("cuda"), torch.bfloat16, int4=int4)
     if not decode_site.qualifies(model.hc[0]):
         pytest.skip("the site kernel needs sm_90 and the CUDA decode kernels built")

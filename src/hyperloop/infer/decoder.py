@@ -8,8 +8,8 @@ On CUDA the decode step is captured once as a CUDA graph and replayed: a step of
 a few hundred small kernels, and launching them one by one from Python costs more than running them.
 `compile=True` first runs the step through torch.compile (fused kernels) and captures that. An int4
 model decoding one row runs each layer in five kernels of its own (int4_block.py; `fuse_int4=False`
-keeps the layer op by op, for comparisons), and each loop boundary of a Hyperloop model in one
-(model/decode_site.py; also in an uncompiled step). With
+keeps the layer op by op, for comparisons), and each site boundary of a Hyperloop or mHC model in one
+(model/decode_site.py; also in an uncompiled step, and mHC's in any). With
 early exit, whose control flow depends on the logits, the (uncompiled) step is captured as one graph
 per loop, and the host reads whether every row has exited between their replays. On CPU the step
 runs eagerly.
@@ -109,8 +109,8 @@ class Decoder:
         on_cuda = self.cache.device.type == "cuda"
         if on_cuda and batch == 1 and exit_threshold is None and fuse_int4:
             self.cache.fused_block = FusedInt4Blocks.for_model(model)
-        if on_cuda:  # one kernel a loop boundary, where it is faster (model/decode_site.py)
-            decode_site.enable(model, self.cache.fused_block is not None or not compile)
+        if on_cuda:  # one kernel a site boundary, where it is faster (model/decode_site.py)
+            decode_site.enable(model, compiled_layers=compile and self.cache.fused_block is None)
         self.cuda_graph = on_cuda and cuda_graph is not False
         self._decode = self._run
         if compile:

@@ -18,6 +18,9 @@ launched as a programmatic dependent of the wqkv GEMV, it loads the cache's olde
 that GEMV finishes; and the wqkv kernel reads RoPE's cos/sin from the model's tables at the device
 position (a compiled step gathering them for each layer's call made a copy per call).
 
+An mHC model calls its layers one sub-layer at a time (its sites wrap the bare outputs): then the
+attention half runs the first three kernels and the MLP half the last two, without the residual adds.
+
 The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every layer qualifies
 (int4 GEMV operands on CUDA, no act-order, no LoRA, bf16 activations, head_dim 64 or 128);
 Block.forward hands it each one-token call. The results match the op-by-op step's within bf16 rounding
@@ -74,9 +77,10 @@ class FusedInt4Blocks:
         )
         return cls(model) if qualifies else None
 
-    def __call__(self, block: Block, x: torch.Tensor, cache, slot: int):
-        """Block.forward(x) for x (1, 1, dim) bf16 through `cache` (a KVCache) at its `positions`, or
-        None for any other x (a prefill, another dtype): the caller then runs the block op by op."""
+    def __call__(self, block: Block, x: torch.Tensor, cache, slot: int, branch: str | None = None):
+        """Block.forward(x, branch=branch) for x (1, 1, dim) bf16 through `cache` (a KVCache) at its
+        `positions`, or None for any other x (a prefill, another dtype): the caller then runs the block
+        op by op. With `branch` ("attn" or "mlp"), that sub-layer's bare output F(x)."""
         if x.shape[:2] != (1, 1) or x.dtype != torch.bfloat16:
             return None
         wqkv, wo, w_gate_up, w_down = _linears(block)
@@ -87,11 +91,15 @@ class FusedInt4Blocks:
             return words, grid, linear.group_size, split
 
         h = x.reshape(-1)
-        k_cache, v_cache = cache.k[slot], cache.v[slot]
-        q = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, self.cos, self.sin,
-                                      cache.positions, k_cache, v_cache, cache.column)  # fmt: skip
-        out = gemv.decode_attention(q.view(1, heads, -1), k_cache, v_cache, cache.pad, cache.column)
-        h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=h)
+        residual = None if branch else h  # a bare sub-layer output for a site to wrap
+        if branch != "mlp":
+            k_cache, v_cache = cache.k[slot], cache.v[slot]
+            q = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, self.cos,
+                                          self.sin, cache.positions, k_cache, v_cache, cache.column)  # fmt: skip
+            out = gemv.decode_attention(q.view(1, heads, -1), k_cache, v_cache, cache.pad, cache.column)
+            h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=residual)
+            if branch == "attn":
+                return h.view(1, 1, -1)
         gated = gemv.int4_gemv(h, *operands(w_gate_up, SWIGLU), norm_weight=mlp_norm.weight, eps=mlp_norm.eps,
                                swiglu=True)  # fmt: skip
-        return gemv.int4_gemv(gated, *operands(w_down), residual=h).view(1, 1, -1)
+        return gemv.int4_gemv(gated, *operands(w_down), residual=None if branch else h).view(1, 1, -1)

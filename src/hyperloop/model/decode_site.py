@@ -1,23 +1,25 @@
-"""A Hyperloop hyper-connection site at decode as one CUDA kernel per loop boundary (hc_site.cu).
+"""Hyper-connection sites at decode as one CUDA kernel between two branches (hc_site.cu).
 
 At a few rows a compiled site was three or four small kernels (the RMS and projection reduction, the
 gates, the combine, the write), 1-2 us each, about 20 us of a hyperloop-s decode step on an H100
-(results/int4.md). Here each loop boundary is one kernel that does the previous site's write and the
-next site's read together:
+(results/int4.md); an mHC site's Sinkhorn H_res added a chain of forty tiny normalisations, which
+held an mhc-s bf16 step to 380 tok/s. Here each loop boundary (Hyperloop) or sub-layer boundary (mHC)
+is one kernel that does the previous site's write and the next site's read together:
 
-    y'  = h_res y + h_post (out + e)                                  (previous site's gates)
+    y'  = H_res y + h_post (out + e)                                  (previous site's gates)
     x   = sum_j h_pre_j y'_j   with the next site's gates from W y' / rms(y')
 
 and the last boundary gives the streams' mean instead (merge). The math is hyper.py's, in fp32, for
-a diagonal H_res (Hyperloop's); the streams y' are stored in bf16 as the compiled step stores them.
+a diagonal H_res (Hyperloop's) or a Sinkhorn one (mHC's, whose iterations the write runs while the
+branch's last layer finishes); the streams y' are stored in bf16 as the compiled step stores them.
 
 Launched as a programmatic dependent (sm_90), it joins the chain of early launches of the fused int4
 layers (infer/int4_block.py): hyperloop-s int4 decode 2,940 -> 3,037 tok/s on an H100, and an
 uncompiled (graphed) bf16 step 573 -> 642. In a compiled bf16 step torch.compile fuses the sites with
 the layers around them, which a custom op prevents, and the kernel was 0.9% slower (1,511 -> 1,498):
-so the Decoder turns it on (`enable`) next to the fused int4 layers and in uncompiled steps, for the
-sites that qualify: CUDA sm_90+, bf16 parameters, n in 1, 2, 4, 8, and the CUDA decode kernels built
-(quant/gemv.py: extension). HyperConnection.read and write then dispatch here for bf16 streams of at
+so the Decoder turns it on (`enable`) for Hyperloop's sites next to the fused int4 layers and in
+uncompiled steps, and for mHC's everywhere, for the sites that qualify: CUDA sm_90+, bf16 parameters,
+n in 1, 2, 4, 8 (1, 2, 4 for Sinkhorn), and the CUDA decode kernels built (quant/gemv.py: extension). HyperConnection.read and write then dispatch here for bf16 streams of at
 most hyper.FEW_ROWS rows without autograd.
 """
 
@@ -31,12 +33,14 @@ from hyperloop.model.hyper import FEW_ROWS, RMS_EPS, HyperConnection, write_resu
 from hyperloop.quant import gemv
 
 STREAMS = (1, 2, 4, 8)  # hc_site.cu's instances
+SINKHORN_STREAMS = (1, 2, 4)  # with a Sinkhorn H_res (its weight rows are held in registers)
 ONE_BLOCK_WIDTH = 256 * 8  # n x C of a row on one block: 256 threads, 8 columns a thread
 MAX_STREAM_WIDTH = 8 * ONE_BLOCK_WIDTH  # on a cluster of 8 blocks
 
 
 class Gates(NamedTuple):
-    """What a kernel read hands the site's write: its gates, (rows, n) fp32."""
+    """What a kernel read hands the site's write, fp32: h_post (rows, n), and h_res (rows, n) for a
+    diagonal H_res or the logits of a Sinkhorn one (rows, n * n), whose iterations the write runs."""
 
     h_post: torch.Tensor
     h_res: torch.Tensor
@@ -63,17 +67,24 @@ def qualifies(hc: HyperConnection) -> bool:
     return (
         device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9  # the blocks of a row form a cluster
-        and hc.h_res == "diagonal"
+        and (hc.h_res == "diagonal" or hc.h_res == "sinkhorn" and hc.n in SINKHORN_STREAMS)
         and fits(hc.n, hc.dim)
         and all(p.dtype == torch.bfloat16 and p.device == device for p in params)
         and gemv.extension() is not None
     )
 
 
-def enable(model: torch.nn.Module, on: bool = True) -> None:
-    """Turn the kernel on (off) for each of the model's sites that qualifies (decode_kernel)."""
+def enable(model: torch.nn.Module, compiled_layers: bool = False) -> None:
+    """Turn the kernel on for each of the model's sites that qualifies (decode_kernel). With
+    `compiled_layers` (a compiled step whose layers are torch ops, not the fused int4 kernels) keep a
+    diagonal site on torch.compile's kernels, which fuse it with the layers around it (see above)."""
     for hc in model.hc:
-        hc.decode_kernel = on and qualifies(hc)
+        hc.decode_kernel = qualifies(hc) and not (compiled_layers and hc.h_res == "diagonal")
+
+
+def iterations(hc: HyperConnection) -> int:
+    """The kernel's `sinkhorn_iters`: 0 for a diagonal H_res."""
+    return hc.sinkhorn_iters if hc.h_res == "sinkhorn" else 0
 
 
 def applies(y: torch.Tensor) -> bool:
@@ -84,36 +95,41 @@ def applies(y: torch.Tensor) -> bool:
 @torch.library.custom_op("hyperloop::hc_site_decode", mutates_args=())
 def site(y: torch.Tensor, out: torch.Tensor | None, h_post: torch.Tensor | None, h_res: torch.Tensor | None,
          embedding: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-         alpha: torch.Tensor | None, eps: float, merge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+         alpha: torch.Tensor | None, eps: float, merge: bool, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """hc_site.cu on y (rows, n, C): with `out` (and the gates) a write, with `weight` (bias, alpha) a
-    read, `merge` a write that returns the mean. Returns (y', x or the mean, h_post, h_res), each
-    empty where the call does not make it. A custom op, so torch.compile keeps it as one call."""
-    return tuple(gemv.extension().hc_site_decode(y, out, h_post, h_res, embedding, weight, bias, alpha, eps, merge))
+    read, `merge` a write that returns the mean; `sinkhorn_iters` > 0 for a Sinkhorn H_res. Returns
+    (y', x or the mean, h_post, h_res), each empty where the call does not make it. A custom op, so
+    torch.compile keeps it as one call."""
+    return tuple(gemv.extension().hc_site_decode(y, out, h_post, h_res, embedding, weight, bias, alpha, eps, merge,
+                                                 sinkhorn_iters))  # fmt: skip
 
 
 @site.register_fake
-def _(y, out, h_post, h_res, embedding, weight, bias, alpha, eps, merge):
+def _(y, out, h_post, h_res, embedding, weight, bias, alpha, eps, merge, sinkhorn_iters):
     rows, n, C = y.shape
     reads, writes = weight is not None, out is not None
-    gates = [y.new_empty((rows, n) if reads else 0, dtype=torch.float32) for _ in range(2)]
+    res = n * n if sinkhorn_iters else n
+    gates = [y.new_empty((rows, width) if reads else 0, dtype=torch.float32) for width in (n, res)]
     return y.new_empty((rows, n, C) if writes and not merge else 0), y.new_empty((rows, C) if reads or merge else 0), *gates
 
 
 def read(hc: HyperConnection, y: torch.Tensor) -> Read:
     """The site's branch input and gates from streams y (..., n, C) (the first site's read)."""
-    _, x, h_post, h_res = site(y.flatten(0, -3), None, None, None, None, hc.weight, hc.bias, hc.alpha, RMS_EPS, False)
+    _, x, h_post, h_res = site(y.flatten(0, -3), None, None, None, None, hc.weight, hc.bias, hc.alpha, RMS_EPS, False,
+                               iterations(hc))  # fmt: skip
     return Read(x.view(*y.shape[:-2], hc.dim), Gates(h_post, h_res))
 
 
 def write(hc: HyperConnection, y: torch.Tensor, out: torch.Tensor, gates: Gates, merge: torch.dtype | None,
           next_site: HyperConnection | None):  # fmt: skip
-    """HyperConnection.write for gates from the kernel: with a next site that takes the kernel too,
-    its read in the same kernel, returned as (y', Read) for next_site.read(y', ahead)."""
+    """HyperConnection.write for gates from the kernel: with a next site that takes the kernel too
+    (and the same kind of H_res: one kernel instance does both), its read in the same kernel,
+    returned as (y', Read) for next_site.read(y', ahead)."""
     streams, written = y.flatten(0, -3), out.reshape(-1, hc.dim).contiguous()
-    reads_next = next_site is not None and next_site.decode_kernel
+    reads_next = next_site is not None and next_site.decode_kernel and next_site.h_res == hc.h_res
     weight, bias, alpha = (next_site.weight, next_site.bias, next_site.alpha) if reads_next else (None, None, None)
     y_new, x, h_post, h_res = site(streams, written, gates.h_post, gates.h_res, hc.embedding, weight, bias, alpha,
-                                   RMS_EPS, merge is not None)  # fmt: skip
+                                   RMS_EPS, merge is not None, iterations(hc))  # fmt: skip
     if merge is not None:
         return x.view(out.shape).to(merge)
     y_new = y_new.view(y.shape)

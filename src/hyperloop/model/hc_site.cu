@@ -1,22 +1,28 @@
-// A Hyperloop hyper-connection site at decode, for a few rows (model/decode_site.py): one kernel at
-// each loop boundary, where a compiled step ran three or four (an RMS-and-projection reduction, the
-// gates, the combine, the write). Compiled in one unit after quant/gemv.cu (quant/gemv.py: extension),
-// whose launch and programmatic-launch helpers, device query and argument checks it uses.
+// A hyper-connection site at decode, for a few rows (model/decode_site.py): one kernel between two
+// branches, where a compiled step ran three or four (an RMS-and-projection reduction, the gates, the
+// combine, the write), and for mHC's Sinkhorn H_res a chain of forty tiny normalisations besides.
+// Compiled in one unit after quant/gemv.cu (quant/gemv.py: extension), whose launch and
+// programmatic-launch helpers, device query and argument checks it uses.
 //
-// For streams y (R, n, C) and a diagonal H_res, as model/hyper.py computes them:
-//   WRITE  y'_j = h_res_j y_j + h_post_j (out + e)       the previous site's write, with its gates
-//   READ   u = W y' / rms(y')                             the next site's read, W (3n, nC)
+// For streams y (R, n, C), as model/hyper.py computes them:
+//   WRITE  y'_i = sum_j H_res[i, j] y_j + h_post_i (out + e)   the previous site's write, its gates
+//          (a diagonal H_res (Hyperloop's): h_res_i y_i; a Sinkhorn one (mHC's): all n streams)
+//   READ   u = W y' / rms(y')                            the next site's read, W (2n + r, nC)
 //          h_pre  = sigmoid(a_pre u_pre + b_pre),   h_post' = 2 sigmoid(a_post u_post + b_post),
-//          h_res' = sigmoid(a_res u_res + b_res),   x = sum_j h_pre_j y'_j   (its branch input)
+//          res'   = a_res u_res + b_res                  diagonal: h_res' = sigmoid(res'), r = n
+//                                                        Sinkhorn: res' are the n x n logits, r = n^2
+//          x = sum_j h_pre_j y'_j                        (the branch input)
 //   MERGE  the mean of the y'_j instead of storing them (the last site)
 // WRITE alone stores y'; READ alone reads y (the first site, y a broadcast of one stream).
 //
 // A row's columns are split over a cluster of blocks (sm_90), each thread holding 8 columns of one
-// stream. Each block sums its share of u and of y'^2, the blocks exchange those 3n + 1 sums through
-// distributed shared memory, and every block then computes the gates itself and its columns of x.
-// Launched as a programmatic dependent (sm_90), a block requests W and, when it writes, the old
+// stream. Each block sums its share of u and of y'^2, the blocks exchange those 2n + r + 1 sums
+// through distributed shared memory, and every block then computes the gates itself and its columns
+// of x. Launched as a programmatic dependent (sm_90), a block requests W and, when it writes, the old
 // streams and gates (earlier kernels' results) before waiting for the kernel before (the branch's
-// last layer, which gives `out`), and lets the next one start its own early loads.
+// last layer, which gives `out`), and lets the next one start its own early loads. A Sinkhorn site's
+// read stores only the logits: its write runs the Sinkhorn iterations in that early part, alongside
+// the branch's last layer, where the read would have run them between the site and its branch.
 
 namespace {
 
@@ -29,30 +35,60 @@ struct SiteParams {
   int64_t y_row, y_stream;
   const __nv_bfloat16* out;         // WRITE: (R, C) the branch output
   const float* h_post;              // WRITE: (R, n) the previous site's gates
-  const float* h_res;
+  const float* h_res;               // WRITE: (R, r) its h_res (diagonal) or H_res logits (Sinkhorn)
   const __nv_bfloat16* embedding;   // WRITE: (C,) the loop embedding e, or nullptr
-  const __nv_bfloat16* weight;      // READ: (3n, nC) [W_pre; W_post; W_res]
-  const __nv_bfloat16* bias;        // READ: (3n,)
+  const __nv_bfloat16* weight;      // READ: (2n + r, nC) [W_pre; W_post; W_res]
+  const __nv_bfloat16* bias;        // READ: (2n + r,)
   const __nv_bfloat16* alpha;       // READ: (3,) a_pre, a_post, a_res
   float eps;
   __nv_bfloat16* y_new;             // WRITE without MERGE: (R, n, C)
   __nv_bfloat16* x;                 // READ: (R, C) the branch input; MERGE: (R, C) the streams' mean
-  float* gates_post;                // READ: (R, n) the site's h_post and h_res, for its write
-  float* gates_res;
-  int C;
+  float* gates_post;                // READ: (R, n) the site's h_post, and its h_res or logits
+  float* gates_res;                 //       (R, r), for its write
+  int C, sinkhorn_iters;
   bool write, read, merge;
 };
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
 
+// H_res = sinkhorn(logits) (N x N, row-major), as hyper.py's: alternate row and column normalisation,
+// ending on columns. Run by one warp, lane r * N + c holding entry (r, c); a row's lanes differ in the
+// low bits, a column's in the high ones, so each sum is a few shuffles. In the exp domain rather than
+// hyper.py's log domain (the same iterates, without a log and an exp per step): each row is first
+// scaled by its largest entry, so no row can sum to 0 or overflow.
 template <int N>
+__device__ void sinkhorn(const float* logits, int iters, float* h_res) {
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = threadIdx.x % 32;
+  const float logit = lane < N * N ? logits[lane] : 0.f;  // the other lanes pair among themselves
+  float largest = logit;
+#pragma unroll
+  for (int o = 1; o < N; o *= 2) largest = fmaxf(largest, __shfl_xor_sync(kAll, largest, o));
+  float v = expf(logit - largest);
+  for (int it = 0; it < iters; ++it) {
+    float sum = v;
+#pragma unroll
+    for (int o = 1; o < N; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the row
+    v /= sum;
+    sum = v;
+#pragma unroll
+    for (int o = N; o < N * N; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the column
+    v /= sum;
+  }
+  if (lane < N * N) h_res[lane] = v;
+}
+
+template <int N, bool kSinkhorn>
 __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SiteParams p) {
-  constexpr int P = 3 * N;  // gate rows; sums[P] is the sum of squares
+  constexpr int R = kSinkhorn ? N * N : N;  // H_res rows of W
+  constexpr int P = 2 * N + R;  // gate rows; sums[P] is the sum of squares
+  constexpr int Y = kSinkhorn ? N : 1;  // old streams a thread's write mixes: all of them, or its own
   extern __shared__ float mixed[];  // (N, columns of the block): products summed over the streams
   __shared__ float warp_sums[kSiteMaxThreads / 32][P + 1];
   __shared__ float block_sums[P + 1];  // read by the cluster's other blocks
   __shared__ float totals[P + 1];
   __shared__ float h_pre[N];
+  __shared__ float h_res[kSinkhorn ? N * N : 1];  // WRITE: the previous site's dense H_res
   const int row = blockIdx.y, cols = p.C / gridDim.x, chunks = cols / kSiteColumns;
   const int j = threadIdx.x / chunks, local = threadIdx.x % chunks * kSiteColumns;
   const int col = blockIdx.x * cols + local;  // the thread's first column in the row
@@ -65,12 +101,19 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
 #pragma unroll
     for (int q = 0; q < P; ++q)
       w[q] = *reinterpret_cast<const uint4*>(p.weight + static_cast<size_t>(q) * N * p.C + j * p.C + col);
-  const uint4* y_at = reinterpret_cast<const uint4*>(p.y + row * p.y_row + j * p.y_stream + col);
-  uint4 y_raw{}, e_raw{};
+  const __nv_bfloat16* y_row = p.y + row * p.y_row;
+  uint4 y_raw[Y] = {}, e_raw{};
   float post = 0.f, keep = 0.f;
   if (p.write) {
-    y_raw = *y_at;
-    post = p.h_post[row * N + j], keep = p.h_res[row * N + j];
+#pragma unroll
+    for (int k = 0; k < Y; ++k)
+      y_raw[k] = *reinterpret_cast<const uint4*>(y_row + (kSinkhorn ? k : j) * p.y_stream + col);
+    post = p.h_post[row * N + j];
+    if constexpr (kSinkhorn) {
+      if (warp == 0) sinkhorn<N>(p.h_res + row * R, p.sinkhorn_iters, h_res);
+    } else {
+      keep = p.h_res[row * N + j];
+    }
     if (p.embedding != nullptr) e_raw = *reinterpret_cast<const uint4*>(p.embedding + col);
   }
   wait_for_previous_kernel();
@@ -78,21 +121,29 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
 
   float v[kSiteColumns];  // y'_j at the thread's columns, rounded as stored
   if (p.write) {
-    float y_old[kSiteColumns], out[kSiteColumns], e[kSiteColumns];
-    bf16x8_to_float(y_raw, y_old);
+    if constexpr (kSinkhorn) __syncthreads();  // h_res written
+    float kept[kSiteColumns] = {}, out[kSiteColumns], e[kSiteColumns];
+#pragma unroll
+    for (int k = 0; k < Y; ++k) {  // sum_k H_res[j, k] y_k, the streams summed in order
+      float y_old[kSiteColumns];
+      bf16x8_to_float(y_raw[k], y_old);
+      const float h = kSinkhorn ? h_res[j * N + k] : keep;
+#pragma unroll
+      for (int c = 0; c < kSiteColumns; ++c) kept[c] += h * y_old[c];
+    }
     bf16x8_to_float(*reinterpret_cast<const uint4*>(p.out + row * p.C + col), out);
     bf16x8_to_float(e_raw, e);  // zeros without an embedding
     uint4 stored;
     __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(&stored);
 #pragma unroll
     for (int c = 0; c < kSiteColumns; ++c) {
-      s[c] = __float2bfloat16(keep * y_old[c] + post * (out[c] + e[c]));
+      s[c] = __float2bfloat16(kept[c] + post * (out[c] + e[c]));
       v[c] = __bfloat162float(s[c]);
     }
     if (!p.merge)
       *reinterpret_cast<uint4*>(p.y_new + (static_cast<size_t>(row) * N + j) * p.C + col) = stored;
   } else {
-    bf16x8_to_float(*y_at, v);  // the kernel before wrote y
+    bf16x8_to_float(*reinterpret_cast<const uint4*>(y_row + j * p.y_stream + col), v);  // the kernel before wrote y
   }
 
   float weight_of_stream = 1.f / N;  // MERGE: the mean
@@ -137,14 +188,16 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
 #endif
     }
     __syncthreads();
-    if (t < N) {  // stream t's gates, the same in every block
+    if (t < R) {  // stream t's gates (H_res entry t's logit), the same in every block
       const float inv_rms = rsqrtf(totals[P] / (N * p.C) + p.eps);
       const float a_pre = __bfloat162float(p.alpha[0]), a_post = __bfloat162float(p.alpha[1]),
                   a_res = __bfloat162float(p.alpha[2]);
-      h_pre[t] = sigmoid(a_pre * (totals[t] * inv_rms) + __bfloat162float(p.bias[t]));
+      if (t < N) h_pre[t] = sigmoid(a_pre * (totals[t] * inv_rms) + __bfloat162float(p.bias[t]));
       if (blockIdx.x == 0) {
-        p.gates_post[row * N + t] = 2.f * sigmoid(a_post * (totals[N + t] * inv_rms) + __bfloat162float(p.bias[N + t]));
-        p.gates_res[row * N + t] = sigmoid(a_res * (totals[2 * N + t] * inv_rms) + __bfloat162float(p.bias[2 * N + t]));
+        if (t < N)
+          p.gates_post[row * N + t] = 2.f * sigmoid(a_post * (totals[N + t] * inv_rms) + __bfloat162float(p.bias[N + t]));
+        const float res = a_res * (totals[2 * N + t] * inv_rms) + __bfloat162float(p.bias[2 * N + t]);
+        p.gates_res[row * R + t] = kSinkhorn ? res : sigmoid(res);
       }
     }
     __syncthreads();
@@ -173,7 +226,7 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
 #endif
 }
 
-template <int N>
+template <int N, bool kSinkhorn>
 void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream, bool programmatic) {
   const int cols = p.C / blocks;
   cudaLaunchConfig_t config = {};
@@ -181,7 +234,7 @@ void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream,
   config.blockDim = dim3(N * cols / kSiteColumns);
   config.dynamicSmemBytes = N * cols * sizeof(float);
   config.stream = stream;
-  launch_with(config, hc_site_kernel<N>, p, blocks, programmatic);  // a row's blocks: a cluster
+  launch_with(config, hc_site_kernel<N, kSinkhorn>, p, blocks, programmatic);  // a row's blocks: a cluster
 }
 
 }  // namespace
@@ -190,15 +243,17 @@ std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, std::optional<torch::
                                           std::optional<torch::Tensor> h_post, std::optional<torch::Tensor> h_res,
                                           std::optional<torch::Tensor> embedding, std::optional<torch::Tensor> weight,
                                           std::optional<torch::Tensor> bias, std::optional<torch::Tensor> alpha,
-                                          double eps, bool merge) {
+                                          double eps, bool merge, int64_t sinkhorn_iters) {
   TORCH_CHECK(y.dim() == 3 && y.scalar_type() == torch::kBFloat16 && y.stride(2) == 1, "y: bf16 (rows, n, C), C contiguous");
   const int64_t rows = y.size(0), n = y.size(1), C = y.size(2);
+  const bool dense = sinkhorn_iters > 0;  // a Sinkhorn H_res (else diagonal)
+  const int64_t r = dense ? n * n : n;    // its rows of W, entries of the gates
   SiteParams p{};
   p.y = reinterpret_cast<const __nv_bfloat16*>(y.data_ptr<at::BFloat16>());
   p.y_row = y.stride(0), p.y_stream = y.stride(1);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && p.y_row % 8 == 0 && p.y_stream % 8 == 0,
               "y: 16-byte aligned rows and streams");
-  p.C = C, p.eps = static_cast<float>(eps);
+  p.C = C, p.eps = static_cast<float>(eps), p.sinkhorn_iters = static_cast<int>(sinkhorn_iters);
   p.write = out.has_value(), p.read = weight.has_value(), p.merge = merge;
   TORCH_CHECK(p.write || p.read, "hc_site_decode: nothing to do (no out, no weight)");
   TORCH_CHECK(!(p.read && merge) && (p.write || !merge), "merge: a write without a read");
@@ -209,7 +264,8 @@ std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, std::optional<torch::
     p.out = bf16_of(*out, rows * C, "out");
     TORCH_CHECK(h_post.has_value() && h_res.has_value(), "a write needs the gates h_post, h_res");
     for (const torch::Tensor* g : {&*h_post, &*h_res})
-      TORCH_CHECK(g->scalar_type() == torch::kFloat && g->is_contiguous() && g->numel() == rows * n, "h_post, h_res: fp32 (rows, n)");
+      TORCH_CHECK(g->scalar_type() == torch::kFloat && g->is_contiguous(), "h_post, h_res: contiguous fp32");
+    TORCH_CHECK(h_post->numel() == rows * n && h_res->numel() == rows * r, "h_post: (rows, n), h_res: (rows, ", r, ")");
     p.h_post = h_post->data_ptr<float>(), p.h_res = h_res->data_ptr<float>();
     if (embedding.has_value()) p.embedding = bf16_of(*embedding, C, "embedding");
     if (!merge) {
@@ -218,11 +274,11 @@ std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, std::optional<torch::
     }
   }
   if (p.read) {
-    p.weight = bf16_of(*weight, 3 * n * n * C, "weight");
+    p.weight = bf16_of(*weight, (2 * n + r) * n * C, "weight");
     TORCH_CHECK(bias.has_value() && alpha.has_value(), "a read needs bias and alpha");
-    p.bias = bf16_of(*bias, 3 * n, "bias"), p.alpha = bf16_of(*alpha, 3, "alpha");
+    p.bias = bf16_of(*bias, 2 * n + r, "bias"), p.alpha = bf16_of(*alpha, 3, "alpha");
     gates_post = torch::empty({rows, n}, options.dtype(torch::kFloat));
-    gates_res = torch::empty({rows, n}, options.dtype(torch::kFloat));
+    gates_res = torch::empty({rows, r}, options.dtype(torch::kFloat));
     p.gates_post = gates_post.data_ptr<float>(), p.gates_res = gates_res.data_ptr<float>();
   }
   if (p.read || merge) {
@@ -240,12 +296,14 @@ std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, std::optional<torch::
                   && n * C / (blocks * kSiteColumns) <= kSiteMaxThreads,
               "n x C: a multiple of 256 and at most ", kSiteMaxThreads * kSiteColumns * blocks);
   const bool programmatic = d.major >= 9;
-  switch (n) {
-    case 1: launch_site<1>(p, rows, blocks, stream, programmatic); break;
-    case 2: launch_site<2>(p, rows, blocks, stream, programmatic); break;
-    case 4: launch_site<4>(p, rows, blocks, stream, programmatic); break;
-    case 8: launch_site<8>(p, rows, blocks, stream, programmatic); break;
-    default: TORCH_CHECK(false, "n (streams) must be 1, 2, 4 or 8");
-  }
+  using Launch = void (*)(const SiteParams&, int, int, cudaStream_t, bool);
+  // A Sinkhorn site's 2n + n^2 weight rows stay in registers up to n = 4 (n = 8 would take 80).
+  const std::array<Launch, 4> diagonal = {launch_site<1, false>, launch_site<2, false>, launch_site<4, false>,
+                                          launch_site<8, false>};
+  const std::array<Launch, 4> dense_res = {launch_site<1, true>, launch_site<2, true>, launch_site<4, true>, nullptr};
+  const int which = n == 1 ? 0 : n == 2 ? 1 : n == 4 ? 2 : n == 8 ? 3 : -1;
+  const Launch launch = which < 0 ? nullptr : (dense ? dense_res : diagonal)[which];
+  TORCH_CHECK(launch != nullptr, "n (streams): 1, 2, 4 or 8 (1, 2 or 4 with a Sinkhorn H_res)");
+  launch(p, rows, blocks, stream, programmatic);
   return {y_new, x, gates_post, gates_res};
 }

@@ -148,8 +148,8 @@ class Block(nn.Module):
         branch: str | None = None,
     ) -> torch.Tensor:
         fused = getattr(cache, "fused_block", None)  # int4 decoding at batch 1 (a KVCache)
-        if branch is None and fused is not None:
-            out = fused(self, x, cache, slot)
+        if fused is not None:
+            out = fused(self, x, cache, slot, branch)
             if out is not None:
                 return out
         attn: Callable = lambda h: self.attn(self.attn_norm(h), rope, loop, cache, slot)  # noqa: E731

@@ -48,7 +48,7 @@ def extension():
         "torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column);\n"
         "torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
         "torch::Tensor pad, torch::Tensor column);\n"
-        f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge);"
+        f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge, int64_t sinkhorn_iters);"
     )
     package = Path(__file__).parents[1]
     try:
