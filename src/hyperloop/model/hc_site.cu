@@ -51,31 +51,42 @@ struct SiteParams {
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
 
-// H_res = sinkhorn(logits) (N x N, row-major), as hyper.py's: alternate row and column normalisation,
-// ending on columns. Run by one warp, lane r * N + c holding entry (r, c); a row's lanes differ in the
-// low bits, a column's in the high ones, so each sum is a few shuffles. In the exp domain rather than
-// hyper.py's log domain (the same iterates, without a log and an exp per step): each row is first
-// scaled by its largest entry, so no row can sum to 0 or overflow.
-template <int N>
-__device__ void sinkhorn(const float* logits, int iters, float* h_res) {
-  constexpr unsigned kAll = 0xffffffffu;
-  const int lane = threadIdx.x % 32;
-  const float logit = lane < N * N ? logits[lane] : 0.f;  // the other lanes pair among themselves
-  float largest = logit;
+// Row i of H_res = sinkhorn(logits) (n x n, row-major, n <= 4), as hyper.py's: alternate row and
+// column normalisation, ending on columns. Each thread that needs a row runs the whole iteration in
+// its registers (no shuffles, no barrier: about 40 dependent steps of a few cycles). In the exp domain
+// rather than hyper.py's log domain (the same iterates, without a log and an exp a step): each row is
+// first scaled by its largest entry, so no row can sum to 0 or overflow.
+__device__ __forceinline__ void sinkhorn_row(const float* logits, int n, int iters, int i, float (&row)[kFoldMaxStreams]) {
+  constexpr int M = kFoldMaxStreams;
+  float h[M][M];
 #pragma unroll
-  for (int o = 1; o < N; o *= 2) largest = fmaxf(largest, __shfl_xor_sync(kAll, largest, o));
-  float v = expf(logit - largest);
-  for (int it = 0; it < iters; ++it) {
-    float sum = v;
+  for (int r = 0; r < M; ++r) {
+    float largest = -3.4e38f;
 #pragma unroll
-    for (int o = 1; o < N; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the row
-    v /= sum;
-    sum = v;
+    for (int c = 0; c < M; ++c)
+      if (r < n && c < n) largest = fmaxf(largest, logits[r * n + c]);
 #pragma unroll
-    for (int o = N; o < N * N; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the column
-    v /= sum;
+    for (int c = 0; c < M; ++c) h[r][c] = r < n && c < n ? expf(logits[r * n + c] - largest) : 0.f;
   }
-  if (lane < N * N) h_res[lane] = v;
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      const float inv = r < n ? 1.f / (h[r][0] + h[r][1] + h[r][2] + h[r][3]) : 0.f;
+#pragma unroll
+      for (int c = 0; c < M; ++c) h[r][c] *= inv;
+    }
+#pragma unroll
+    for (int c = 0; c < M; ++c) {
+      const float inv = c < n ? 1.f / (h[0][c] + h[1][c] + h[2][c] + h[3][c]) : 0.f;
+#pragma unroll
+      for (int r = 0; r < M; ++r) h[r][c] *= inv;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < M; ++r)  // row i without indexing registers at run time
+#pragma unroll
+    for (int c = 0; c < M; ++c)
+      if (r == i) row[c] = h[r][c];
 }
 
 template <int N, bool kSinkhorn>
@@ -88,7 +99,6 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
   __shared__ float block_sums[P + 1];  // read by the cluster's other blocks
   __shared__ float totals[P + 1];
   __shared__ float h_pre[N];
-  __shared__ float h_res[kSinkhorn ? N * N : 1];  // WRITE: the previous site's dense H_res
   const int row = blockIdx.y, cols = p.C / gridDim.x, chunks = cols / kSiteColumns;
   const int j = threadIdx.x / chunks, local = threadIdx.x % chunks * kSiteColumns;
   const int col = blockIdx.x * cols + local;  // the thread's first column in the row
@@ -103,17 +113,16 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
       w[q] = *reinterpret_cast<const uint4*>(p.weight + static_cast<size_t>(q) * N * p.C + j * p.C + col);
   const __nv_bfloat16* y_row = p.y + row * p.y_row;
   uint4 y_raw[Y] = {}, e_raw{};
-  float post = 0.f, keep = 0.f;
+  float post = 0.f, h_row[kFoldMaxStreams] = {};  // WRITE: H_res[j, :] (diagonal: h_res_j alone)
   if (p.write) {
 #pragma unroll
     for (int k = 0; k < Y; ++k)
       y_raw[k] = *reinterpret_cast<const uint4*>(y_row + (kSinkhorn ? k : j) * p.y_stream + col);
     post = p.h_post[row * N + j];
-    if constexpr (kSinkhorn) {
-      if (warp == 0) sinkhorn<N>(p.h_res + row * R, p.sinkhorn_iters, h_res);
-    } else {
-      keep = p.h_res[row * N + j];
-    }
+    if constexpr (kSinkhorn)
+      sinkhorn_row(p.h_res + row * R, N, p.sinkhorn_iters, j, h_row);
+    else
+      h_row[0] = p.h_res[row * N + j];
     if (p.embedding != nullptr) e_raw = *reinterpret_cast<const uint4*>(p.embedding + col);
   }
   wait_for_previous_kernel();
@@ -121,13 +130,12 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
 
   float v[kSiteColumns];  // y'_j at the thread's columns, rounded as stored
   if (p.write) {
-    if constexpr (kSinkhorn) __syncthreads();  // h_res written
     float kept[kSiteColumns] = {}, out[kSiteColumns], e[kSiteColumns];
 #pragma unroll
     for (int k = 0; k < Y; ++k) {  // sum_k H_res[j, k] y_k, the streams summed in order
       float y_old[kSiteColumns];
       bf16x8_to_float(y_raw[k], y_old);
-      const float h = kSinkhorn ? h_res[j * N + k] : keep;
+      const float h = h_row[k];
 #pragma unroll
       for (int c = 0; c < kSiteColumns; ++c) kept[c] += h * y_old[c];
     }
@@ -235,6 +243,182 @@ void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream,
   config.dynamicSmemBytes = N * cols * sizeof(float);
   config.stream = stream;
   launch_with(config, hc_site_kernel<N, kSinkhorn>, p, blocks, programmatic);  // a row's blocks: a cluster
+}
+
+// ---- mHC's sites folded into the GEMVs around a sub-layer (quant/gemv.cu: SiteFold) ----
+// An mHC model wraps each attention and MLP sub-layer in a site (32 in an S model): at one kernel a
+// site, an int4 decode step spent as long on them as on its layers. Folded, a site costs no kernel:
+//   - the GEMV that closes a branch (wo, w_down) does the site's write on its own output columns,
+//     y'_i = sum_j H_res[i, j] y_j + h_post_i out, stores y', and sums its columns' share of the next
+//     site's W y' and of |y'|^2, one set of sums a block (W and the old streams are loaded before it
+//     waits for the kernel before; the gates may come from that kernel, so they are read after);
+//   - the GEMV that opens the next branch (wqkv, w_gate_up) adds up those sums, computes the gates
+//     in every block, and combines its input x = sum_j h_pre_j y'_j as it stages it.
+// The first site's read and the last site's write (the merge) stay on hc_site_kernel. The math and the
+// roundings are the site kernel's: y' and x in bf16, everything else in fp32.
+
+__host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }  // W's rows, then |y'|^2
+
+// READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
+// Each sum is added up by kFoldSumLanes neighbouring lanes, so that all of a block's loads are in
+// flight at once (the sums are (S, blocks): a row of the GEMV before's blocks for each).
+constexpr int kFoldSumLanes = 8;  // kFoldMaxSums x 8 <= 256, the threads of the smallest GEMV block
+__device__ __forceinline__ void fold_read_gates(const Params& p, float* fold) {
+  const SiteFold& s = p.site;
+  const int n = s.n, S = fold_sums(n), t = threadIdx.x, q = t / kFoldSumLanes;
+  float* totals = fold;     // (S,)
+  float* h_pre = fold + S;  // (n,)
+  float sum = 0.f;
+  if (q < S)
+#pragma unroll 8
+    for (int b = t % kFoldSumLanes; b < s.partial_blocks; b += kFoldSumLanes) sum += s.partials[q * s.partial_blocks + b];
+#pragma unroll
+  for (int offset = kFoldSumLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (q < S && t % kFoldSumLanes == 0) totals[q] = sum;
+  __syncthreads();
+  if (t < n * n) {  // every block computes h_pre; block 0 stores h_post and the logits for the write
+    const float inv_rms = rsqrtf(totals[S - 1] / (n * p.K) + s.eps);
+    const float a_pre = __bfloat162float(s.alpha[0]), a_post = __bfloat162float(s.alpha[1]),
+                a_res = __bfloat162float(s.alpha[2]);
+    if (t < n) {
+      h_pre[t] = sigmoid(a_pre * (totals[t] * inv_rms) + __bfloat162float(s.bias[t]));
+      if (blockIdx.x == 0) s.h_post[t] = 2.f * sigmoid(a_post * (totals[n + t] * inv_rms) + __bfloat162float(s.bias[n + t]));
+    }
+    if (blockIdx.x == 0) s.logits[t] = a_res * (totals[2 * n + t] * inv_rms) + __bfloat162float(s.bias[2 * n + t]);
+  }
+  __syncthreads();
+}
+
+// READ: word j of the GEMV's input, x = sum_i h_pre_i y'_i (the streams summed in order), in bf16.
+__device__ __forceinline__ void fold_x_word(const Params& p, const float* fold, int j, float* v) {
+  const int n = p.site.n;
+  const float* h_pre = fold + fold_sums(n);
+  float sum[8] = {};
+  for (int i = 0; i < n; ++i) {
+    float y[8];
+    bf16x8_to_float(p.x[i * (p.K / 8) + j], y);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] += h_pre[i] * y[e];
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = __bfloat162float(__float2bfloat16(sum[e]));
+}
+
+// WRITE, before the wait (written by earlier kernels, or parameters): the next site's W at the block's
+// columns and the old streams there. `fold`: w (S - 1, n, cols), y (n, cols), then fold_write's sums.
+__device__ __forceinline__ void fold_write_early(const Params& p, float* fold, int col0, int cols) {
+  const SiteFold& s = p.site;
+  const int n = s.n, rows = fold_sums(n) - 1;
+  float* w = fold;
+  float* y = w + rows * n * cols;
+  for (int e = threadIdx.x; e < rows * n * cols; e += blockDim.x)  // W[q, i N + col0 + c] at (q, i, c)
+    w[e] = __bfloat162float(s.next_weight[static_cast<size_t>(e / cols) * p.N + col0 + e % cols]);
+  for (int e = threadIdx.x; e < n * cols; e += blockDim.x)
+    y[e] = __bfloat162float(s.streams[e / cols * s.stream_stride + col0 + e % cols]);
+}
+
+// WRITE, after the block stored its outputs (kStore): y' at its columns, one thread each (which runs
+// the Sinkhorn iterations for its row of H_res), and the block's sums.
+__device__ __forceinline__ void fold_write(const Params& p, float* fold, int col0, int cols) {
+  const SiteFold& s = p.site;
+  const int n = s.n, S = fold_sums(n), rows = S - 1;
+  const float* w = fold;
+  const float* y = w + rows * n * cols;
+  float* sums = fold + rows * n * cols + n * cols;  // (warps holding columns, S)
+  __syncthreads();  // the block's outputs, stored
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  float dot[kFoldMaxSums - 1] = {}, square = 0.f;
+  if (t < n * cols) {
+    const int i = t / cols, c = t % cols;
+    float h[kFoldMaxStreams];
+    sinkhorn_row(s.write_logits, n, s.iters, i, h);
+    float kept = 0.f;
+#pragma unroll
+    for (int k = 0; k < kFoldMaxStreams; ++k)
+      if (k < n) kept += h[k] * y[k * cols + c];
+    const __nv_bfloat16 stored = __float2bfloat16(kept + s.write_h_post[i] * __bfloat162float(p.y[col0 + c]));
+    s.new_streams[static_cast<size_t>(i) * p.N + col0 + c] = stored;
+    const float v = __bfloat162float(stored);
+#pragma unroll
+    for (int q = 0; q < kFoldMaxSums - 1; ++q)
+      if (q < rows) dot[q] = w[(q * n + i) * cols + c] * v;
+    square = v * v;
+  }
+  const int busy_warps = (n * cols + 31) / 32;
+  if (warp < busy_warps) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int q = 0; q < kFoldMaxSums - 1; ++q)
+        if (q < rows) dot[q] += __shfl_xor_sync(0xffffffffu, dot[q], offset);
+      square += __shfl_xor_sync(0xffffffffu, square, offset);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int q = 0; q < kFoldMaxSums - 1; ++q)
+        if (q < rows) sums[warp * S + q] = dot[q];
+      sums[warp * S + rows] = square;
+    }
+  }
+  __syncthreads();
+  if (t < S) {
+    float total = 0.f;
+    for (int k = 0; k < busy_warps; ++k) total += sums[k * S + t];
+    s.new_partials[t * gridDim.x + blockIdx.x] = total;  // (S, blocks)
+  }
+}
+
+// The shared memory (floats) a GEMV block of `warps` warps and `cols` output columns adds for its fold.
+int fold_floats(const Params& p, int cols, int warps) {
+  const int n = p.site.n, S = fold_sums(n);
+  if (p.site.write) return (S - 1) * n * cols + n * cols + warps * S;
+  return p.site.read ? S + n : 0;
+}
+
+// Sets p.site from the tensors of a read fold {partials, bias, alpha} (x: the streams (n, K)) or a
+// write fold {streams (n, N), h_post, logits, next_weight}, and returns the two outputs the fold adds:
+// h_post and the logits (read), y' and the sums, (S, blocks) for its `blocks` blocks (write); or, with
+// neither, two empty tensors (distinct, as a custom op's outputs must be).
+std::vector<torch::Tensor> fold_site(Params& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
+                                     const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
+                                     int blocks) {
+  SiteFold& s = p.site;
+  s.read = !read_site.empty(), s.write = !write_site.empty();
+  if (!s.read && !s.write) return {torch::empty({0}, x.options()), torch::empty({0}, x.options())};
+  TORCH_CHECK(!(s.read && s.write), "a GEMV folds one site's read or one site's write");
+  const auto floats = x.options().dtype(torch::kFloat);
+  const torch::Tensor& streams = s.read ? x : write_site[0];
+  TORCH_CHECK(streams.dim() == 2 && streams.stride(1) == 1, "the streams: (n, C), C contiguous");
+  s.n = streams.size(0);
+  TORCH_CHECK(s.n == 1 || s.n == 2 || s.n == 4, "a folded site: 1, 2 or 4 streams");
+  const int S = fold_sums(s.n);
+  if (s.read) {
+    TORCH_CHECK(read_site.size() == 3, "read_site: partials, bias, alpha");
+    const torch::Tensor& partials = read_site[0];
+    TORCH_CHECK(partials.scalar_type() == torch::kFloat && partials.is_contiguous() && partials.dim() == 2
+                    && partials.size(0) == S, "partials: contiguous fp32 (", S, ", blocks)");
+    s.partials = partials.data_ptr<float>(), s.partial_blocks = partials.size(1);
+    s.bias = bf16_of(read_site[1], S - 1, "bias"), s.alpha = bf16_of(read_site[2], 3, "alpha");
+    s.eps = static_cast<float>(eps);
+    auto h_post = torch::empty({s.n}, floats), logits = torch::empty({s.n * s.n}, floats);
+    s.h_post = h_post.data_ptr<float>(), s.logits = logits.data_ptr<float>();
+    return {h_post, logits};
+  }
+  TORCH_CHECK(write_site.size() == 4, "write_site: streams, h_post, logits, next_weight");
+  TORCH_CHECK(p.epilogue == kStore && streams.size(1) == p.N && streams.scalar_type() == torch::kBFloat16,
+              "a folded write: bf16 streams (n, N) after a plain GEMV");
+  s.streams = reinterpret_cast<const __nv_bfloat16*>(streams.data_ptr<at::BFloat16>());
+  s.stream_stride = streams.stride(0);
+  for (int g = 1; g <= 2; ++g)
+    TORCH_CHECK(write_site[g].scalar_type() == torch::kFloat && write_site[g].is_contiguous()
+                    && write_site[g].numel() == (g == 1 ? s.n : s.n * s.n), "h_post (n,), logits (n * n,): fp32");
+  s.write_h_post = write_site[1].data_ptr<float>(), s.write_logits = write_site[2].data_ptr<float>();
+  s.next_weight = bf16_of(write_site[3], static_cast<int64_t>(S - 1) * s.n * p.N, "next_weight");
+  s.iters = static_cast<int>(iters);
+  auto new_streams = torch::empty({s.n, p.N}, x.options()), partials = torch::empty({S, blocks}, floats);
+  s.new_streams = reinterpret_cast<__nv_bfloat16*>(new_streams.data_ptr<at::BFloat16>());
+  s.new_partials = partials.data_ptr<float>();
+  return {new_streams, partials};
 }
 
 }  // namespace

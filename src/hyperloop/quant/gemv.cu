@@ -6,6 +6,9 @@
 //              y <- silu(gate) * up                      (w_gate_up, rows in (gate_i, up_i) pairs)
 //              q, k <- RoPE(q, k); k, v -> the KV cache  (wqkv, rows in (i, i + D/2) pairs per head)
 // and the layer's attention over the KV cache (decode_attention_kernel, at the end of the file).
+// For an mHC model, whose sub-layers are wrapped one by one in hyper-connection sites, the sites fold
+// into the GEMVs around a sub-layer (model/hc_site.cu: SiteFold): the first GEMV of a branch finishes
+// its site's read, and the last one does the site's write and starts the next site's read.
 //
 // Operands (gemv.py: operands):
 //   words (N, K/8) int32: row n's codes, K contiguous, eight a word, LSB first (code k in bits 4(k%8)..)
@@ -54,6 +57,34 @@ constexpr int kSmallGridWarps = 8, kLargeGridWarps = 16;
 
 enum Epilogue : int { kStore, kResidual, kSwiglu, kRopeCache };
 
+// An mHC site (Sinkhorn H_res, n <= kFoldMaxStreams streams) folded into a GEMV; hc_site.cu says how.
+constexpr int kFoldMaxStreams = 4;
+constexpr int kFoldMaxSums = 2 * kFoldMaxStreams + kFoldMaxStreams * kFoldMaxStreams + 1;  // W's rows + |y'|^2
+struct SiteFold {
+  int n;  // streams
+  // READ, in the GEMV that opens a branch: x (n, K) holds the streams y', the GEMV's input is
+  // sum_j h_pre_j y'_j, and the gates come from the sums the blocks of the GEMV before left.
+  bool read;
+  const float* partials;  // (2n + n^2 + 1, partial_blocks)
+  int partial_blocks;
+  const __nv_bfloat16* bias;   // the site's (2n + n^2,)
+  const __nv_bfloat16* alpha;  // (3,)
+  float eps;                   // of the RMS over the streams (model/hyper.py: RMS_EPS)
+  float* h_post;               // out: (n,) the site's gates for its write, and its H_res logits (n^2,)
+  float* logits;
+  // WRITE, in the GEMV that closes a branch (kStore), out = its output:
+  //   y' = H_res y + h_post out, stored, and this block's share of the next site's W y' and |y'|^2.
+  bool write;
+  const __nv_bfloat16* streams;  // y (n, N), stream stride below (0: a broadcast)
+  int64_t stream_stride;
+  const float* write_h_post;     // (n,) the site's gates, and its H_res logits (n^2,)
+  const float* write_logits;
+  int iters;                     // Sinkhorn iterations
+  const __nv_bfloat16* next_weight;  // (2n + n^2, nN) the next site's W
+  __nv_bfloat16* new_streams;    // out: y' (n, N)
+  float* new_partials;           // out: (2n + n^2 + 1, gridDim.x)
+};
+
 struct Params {
   const uint4* words;
   const __half2* grid;
@@ -71,6 +102,7 @@ struct Params {
   __nv_bfloat16* v_cache;
   const int64_t* column;
   int heads, head_dim, cache_len;
+  SiteFold site;
 };
 
 __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
@@ -113,6 +145,14 @@ __device__ __forceinline__ void finish_pair(const Params& p, int pair, float a, 
   }
 }
 
+// The site folds, defined with the site kernel (model/hc_site.cu, compiled after this file). `fold`:
+// the shared memory after x_pairs; the block's output columns are col0 .. col0 + cols - 1.
+// Inlined: a call in the kernel, even one not taken, made every GEMV 9% slower (hyperloop-s decode).
+__device__ __forceinline__ void fold_read_gates(const Params& p, float* fold);
+__device__ __forceinline__ void fold_x_word(const Params& p, const float* fold, int j, float* v);
+__device__ __forceinline__ void fold_write_early(const Params& p, float* fold, int col0, int cols);
+__device__ __forceinline__ void fold_write(const Params& p, float* fold, int col0, int cols);
+
 // Programmatic dependent launch (sm_90): wait until the kernel before has finished and its writes
 // are visible; let the kernel after start early. Both are no-ops on a plain launch.
 __device__ __forceinline__ void wait_for_previous_kernel() {
@@ -125,6 +165,14 @@ __device__ __forceinline__ void allow_next_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
+}
+
+// Word j (8 elements) of the GEMV's input: x's, or with a folded site read, the streams combined.
+__device__ __forceinline__ void load_x(const Params& p, const float* fold, int j, float* v) {
+  if (p.site.read)
+    fold_x_word(p, fold, j, v);
+  else
+    bf16x8_to_float(p.x[j], v);
 }
 
 // A warp's weights at chunk c (32 codes a row): the codes of its two rows and their group's grid.
@@ -153,22 +201,26 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, x_words = p.K / 8, chunks = p.K / 32;
   constexpr int pairs_per_block = warps / SPLIT, stride = 32 * SPLIT;
   const int row0 = (blockIdx.x * pairs_per_block + warp / SPLIT) * kRows;
+  float* fold = reinterpret_cast<float*>(x_pairs + x_words);  // a folded site's (see hc_site.cu)
+  const int col0 = blockIdx.x * pairs_per_block * kRows, cols = min(pairs_per_block * kRows, p.N - col0);
   int c = (warp % SPLIT) * 32 + lane;
   Chunk chunk{};
+  // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
+  // kernel before: requested while it may still be running; so are a folded write's operands.
+  if (SMALL_GRID && c < chunks) chunk = load_chunk(p, row0, c);
+  if (p.site.write) fold_write_early(p, fold, col0, cols);
   if (SMALL_GRID) {
-    // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
-    // kernel before: requested while it may still be running.
-    if (c < chunks) chunk = load_chunk(p, row0, c);
     wait_for_previous_kernel();  // x and the residual are its results
     allow_next_kernel();
   }
+  if (p.site.read) fold_read_gates(p, fold);
 
   float x_scale = 0.0625f;
   if (p.norm_weight != nullptr) {  // every block sums the squares of all of x itself: cheaper than a kernel
     float squares = 0.f;
     for (int j = threadIdx.x; j < x_words; j += warps * 32) {
       float v[8];
-      bf16x8_to_float(p.x[j], v);
+      load_x(p, fold, j, v);
 #pragma unroll
       for (int s = 0; s < 8; ++s) squares += v[s] * v[s];
     }
@@ -183,7 +235,7 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   }
   for (int j = threadIdx.x; j < x_words; j += warps * 32) {
     float v[8], w[8];
-    bf16x8_to_float(p.x[j], v);
+    load_x(p, fold, j, v);
     if (p.norm_weight != nullptr) bf16x8_to_float(p.norm_weight[j], w);
     uint4 staged;
     __half2* pairs = reinterpret_cast<__half2*>(&staged);
@@ -238,6 +290,7 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
       for (int r = 0; r < kRows; ++r) sums[r] += partial[threadIdx.x * SPLIT + s][r];
     finish_pair(p, pair, sums[0] * 16.f, sums[1] * 16.f);  // undo the 1/16 of x_scale
   }
+  if (p.site.write) fold_write(p, fold, col0, cols);
 }
 
 template <typename T>
@@ -252,15 +305,16 @@ const __nv_bfloat16* bf16_of(const torch::Tensor& t, int64_t numel, const char* 
   return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr<at::BFloat16>());
 }
 
-// The parameters common to every epilogue, checked; the caller sets the epilogue's own.
+// The parameters common to every epilogue, checked; the caller sets the epilogue's own. x: (K,), or
+// the streams (n, K) of a site whose read the GEMV folds (`x_rows` n).
 Params gemv_params(const torch::Tensor& x, const torch::Tensor& words, const torch::Tensor& grid, int64_t group_size,
-                   const std::optional<torch::Tensor>& norm_weight, double eps) {
+                   const std::optional<torch::Tensor>& norm_weight, double eps, int64_t x_rows) {
   Params p{};
-  p.K = x.numel();
-  p.N = words.size(0);
-  bf16_of(x, p.K, "x");
-  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous() && words.size(1) * 8 == p.K,
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous() && words.dim() == 2,
               "words: contiguous int32 (N, K/8)");
+  p.K = words.size(1) * 8;
+  p.N = words.size(0);
+  bf16_of(x, x_rows * p.K, "x");
   TORCH_CHECK(p.K % 32 == 0 && group_size % 32 == 0 && p.K % group_size == 0 && p.N % 2 == 0,
               "K, group_size: multiples of 32; N even");
   TORCH_CHECK(grid.scalar_type() == torch::kHalf && grid.numel() == 2 * p.N * (p.K / group_size), "grid: fp16 (N, groups, 2)");
@@ -298,11 +352,10 @@ void launch_with(cudaLaunchConfig_t config, void (*kernel)(KernelParams), const 
 }
 
 template <int SPLIT, bool SMALL_GRID>
-void launch_kernel(const Params& p, int smem, cudaStream_t stream, bool programmatic) {
-  constexpr int pairs_per_block = (SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) / SPLIT;
+void launch_kernel(const Params& p, int blocks, int smem, cudaStream_t stream, bool programmatic) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((p.N / kRows + pairs_per_block - 1) / pairs_per_block);
-  config.blockDim = dim3(pairs_per_block * SPLIT * 32);
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   launch_with(config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p, 1, programmatic);
@@ -322,28 +375,46 @@ const Device& device_info(int device) {  // asked once per device
   return d;
 }
 
-template <int SPLIT>
-void launch_split(const Params& p, int smem, cudaStream_t stream, int device) {
-  const Device& d = device_info(device);
-  constexpr int small_pairs_per_block = kSmallGridWarps / SPLIT;
-  const int small_blocks = (p.N / kRows + small_pairs_per_block - 1) / small_pairs_per_block;
-  if (small_blocks <= kSmallGridBlocksPerSM * d.sms)
-    launch_kernel<SPLIT, true>(p, smem, stream, d.major >= 9);
-  else
-    launch_kernel<SPLIT, false>(p, smem, stream, false);
+// The grid of a GEMV with N rows and `split`: small (launched early) or large, see kSmallGridBlocksPerSM.
+struct Grid {
+  int blocks, warps;
+  bool small;
+};
+
+Grid gemv_grid(int N, int split, int device) {
+  TORCH_CHECK(split == 1 || split == 2 || split == 4, "split must be 1, 2 or 4");
+  const auto blocks = [&](int warps) { return (N / kRows + warps / split - 1) / (warps / split); };
+  if (blocks(kSmallGridWarps) <= kSmallGridBlocksPerSM * device_info(device).sms)
+    return {blocks(kSmallGridWarps), kSmallGridWarps, true};
+  return {blocks(kLargeGridWarps), kLargeGridWarps, false};
 }
+
+template <int SPLIT>
+void launch_split(const Params& p, const Grid& g, int smem, cudaStream_t stream, int device) {
+  if (g.small)
+    launch_kernel<SPLIT, true>(p, g.blocks, smem, stream, device_info(device).major >= 9);
+  else
+    launch_kernel<SPLIT, false>(p, g.blocks, smem, stream, false);
+}
+
+int fold_floats(const Params& p, int cols, int warps);  // hc_site.cu
 
 void launch(const Params& p, int64_t split, const torch::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int smem = p.K / 8 * sizeof(uint4);
+  const Grid g = gemv_grid(p.N, split, x.get_device());
+  const int cols = kRows * g.warps / split;  // a block's outputs
+  const int smem = p.K / 8 * sizeof(uint4) + fold_floats(p, cols, g.warps) * sizeof(float);
   switch (split) {
-    case 1: launch_split<1>(p, smem, stream, x.get_device()); break;
-    case 2: launch_split<2>(p, smem, stream, x.get_device()); break;
-    case 4: launch_split<4>(p, smem, stream, x.get_device()); break;
-    default: TORCH_CHECK(false, "split must be 1, 2 or 4");
+    case 1: launch_split<1>(p, g, smem, stream, x.get_device()); break;
+    case 2: launch_split<2>(p, g, smem, stream, x.get_device()); break;
+    default: launch_split<4>(p, g, smem, stream, x.get_device()); break;
   }
 }
+
+std::vector<torch::Tensor> fold_site(Params& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
+                                     const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
+                                     int blocks);  // hc_site.cu
 
 // ---- The layer's attention: one query a row over the KV cache (int4_block.py, between wqkv and wo) ----
 //   out[b, h] = sum_t softmax_t(q . k_t / sqrt(D)) v_t   over the columns t = pad[b] .. *column
@@ -503,10 +574,13 @@ void launch_attention(const AttnParams& p, int batch, int blocks, cudaStream_t s
 
 }  // namespace
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split,
-                        std::optional<torch::Tensor> norm_weight, double eps, std::optional<torch::Tensor> residual,
-                        bool swiglu) {
-  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
+// y, then the two outputs a folded mHC site adds (hc_site.cu: fold_site), or two empty tensors.
+std::vector<torch::Tensor> int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,
+                                     int64_t split, std::optional<torch::Tensor> norm_weight, double eps,
+                                     std::optional<torch::Tensor> residual, bool swiglu,
+                                     std::vector<torch::Tensor> read_site, std::vector<torch::Tensor> write_site,
+                                     double site_eps, int64_t sinkhorn_iters) {
+  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps, read_site.empty() ? 1 : x.size(0));
   TORCH_CHECK(!(swiglu && residual.has_value()), "swiglu and residual do not go together");
   auto y = torch::empty({swiglu ? p.N / 2 : p.N}, x.options());
   p.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
@@ -515,15 +589,21 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid
     p.residual = bf16_of(*residual, p.N, "residual");
     p.epilogue = kResidual;
   }
+  auto outputs = fold_site(p, x, read_site, write_site, site_eps, sinkhorn_iters,
+                           gemv_grid(p.N, split, x.get_device()).blocks);
   launch(p, split, x);
-  return y;
+  outputs.insert(outputs.begin(), y);
+  return outputs;
 }
 
-torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,
-                                   int64_t split, std::optional<torch::Tensor> norm_weight, double eps, torch::Tensor cos,
-                                   torch::Tensor sin, torch::Tensor position, torch::Tensor k_cache, torch::Tensor v_cache,
-                                   torch::Tensor column) {
-  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
+// q, then with read_site (an mHC site's read folded in, x its streams) that site's h_post and logits,
+// else two empty tensors.
+std::vector<torch::Tensor> int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid,
+                                                int64_t group_size, int64_t split, std::optional<torch::Tensor> norm_weight,
+                                                double eps, torch::Tensor cos, torch::Tensor sin, torch::Tensor position,
+                                                torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column,
+                                                std::vector<torch::Tensor> read_site, double site_eps) {
+  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps, read_site.empty() ? 1 : x.size(0));
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes()
                   && v_cache.is_contiguous(), "k_cache, v_cache: contiguous (1, heads, cache_len, head_dim)");
   p.heads = k_cache.size(1);
@@ -544,8 +624,10 @@ torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::
   p.position = position.data_ptr<int64_t>();
   p.column = column.data_ptr<int64_t>();
   p.epilogue = kRopeCache;
+  auto outputs = fold_site(p, x, read_site, {}, site_eps, 0, 0);
   launch(p, split, x);
-  return q;
+  outputs.insert(outputs.begin(), q);
+  return outputs;
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pad,
