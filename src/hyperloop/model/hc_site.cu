@@ -51,42 +51,28 @@ struct SiteParams {
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
 
-// Row i of H_res = sinkhorn(logits) (n x n, row-major, n <= 4), as hyper.py's: alternate row and
-// column normalisation, ending on columns. Each thread that needs a row runs the whole iteration in
-// its registers (no shuffles, no barrier: about 40 dependent steps of a few cycles). In the exp domain
-// rather than hyper.py's log domain (the same iterates, without a log and an exp a step): each row is
-// first scaled by its largest entry, so no row can sum to 0 or overflow.
-__device__ __forceinline__ void sinkhorn_row(const float* logits, int n, int iters, int i, float (&row)[kFoldMaxStreams]) {
-  constexpr int M = kFoldMaxStreams;
-  float h[M][M];
-#pragma unroll
-  for (int r = 0; r < M; ++r) {
-    float largest = -3.4e38f;
-#pragma unroll
-    for (int c = 0; c < M; ++c)
-      if (r < n && c < n) largest = fmaxf(largest, logits[r * n + c]);
-#pragma unroll
-    for (int c = 0; c < M; ++c) h[r][c] = r < n && c < n ? expf(logits[r * n + c] - largest) : 0.f;
-  }
+// H_res = sinkhorn(logits) (n x n, row-major, n a power of two up to 4), as hyper.py's: alternate row
+// and column normalisation, ending on columns. Run by one warp, lane r * n + c holding entry (r, c); a
+// row's lanes differ in the low bits, a column's in the high ones, so each sum is a few shuffles. In
+// the exp domain rather than hyper.py's log domain (the same iterates, without a log and an exp per
+// step): each row is first scaled by its largest entry, so no row can sum to 0 or overflow. (Each
+// thread iterating the whole matrix in its registers made an mhc-s bf16 step 15% slower.)
+__device__ __forceinline__ void sinkhorn(const float* logits, int n, int iters, float* h_res) {
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = threadIdx.x % 32;
+  const float logit = lane < n * n ? logits[lane] : 0.f;  // the other lanes pair among themselves
+  float largest = logit;
+  for (int o = 1; o < n; o *= 2) largest = fmaxf(largest, __shfl_xor_sync(kAll, largest, o));
+  float v = expf(logit - largest);
   for (int it = 0; it < iters; ++it) {
-#pragma unroll
-    for (int r = 0; r < M; ++r) {
-      const float inv = r < n ? 1.f / (h[r][0] + h[r][1] + h[r][2] + h[r][3]) : 0.f;
-#pragma unroll
-      for (int c = 0; c < M; ++c) h[r][c] *= inv;
-    }
-#pragma unroll
-    for (int c = 0; c < M; ++c) {
-      const float inv = c < n ? 1.f / (h[0][c] + h[1][c] + h[2][c] + h[3][c]) : 0.f;
-#pragma unroll
-      for (int r = 0; r < M; ++r) h[r][c] *= inv;
-    }
+    float sum = v;
+    for (int o = 1; o < n; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the row
+    v /= sum;
+    sum = v;
+    for (int o = n; o < n * n; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the column
+    v /= sum;
   }
-#pragma unroll
-  for (int r = 0; r < M; ++r)  // row i without indexing registers at run time
-#pragma unroll
-    for (int c = 0; c < M; ++c)
-      if (r == i) row[c] = h[r][c];
+  if (lane < n * n) h_res[lane] = v;
 }
 
 template <int N, bool kSinkhorn>
@@ -99,6 +85,7 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
   __shared__ float block_sums[P + 1];  // read by the cluster's other blocks
   __shared__ float totals[P + 1];
   __shared__ float h_pre[N];
+  __shared__ float h_res[kSinkhorn ? N * N : 1];  // WRITE: the previous site's dense H_res
   const int row = blockIdx.y, cols = p.C / gridDim.x, chunks = cols / kSiteColumns;
   const int j = threadIdx.x / chunks, local = threadIdx.x % chunks * kSiteColumns;
   const int col = blockIdx.x * cols + local;  // the thread's first column in the row
@@ -113,16 +100,17 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
       w[q] = *reinterpret_cast<const uint4*>(p.weight + static_cast<size_t>(q) * N * p.C + j * p.C + col);
   const __nv_bfloat16* y_row = p.y + row * p.y_row;
   uint4 y_raw[Y] = {}, e_raw{};
-  float post = 0.f, h_row[kFoldMaxStreams] = {};  // WRITE: H_res[j, :] (diagonal: h_res_j alone)
+  float post = 0.f, keep = 0.f;
   if (p.write) {
 #pragma unroll
     for (int k = 0; k < Y; ++k)
       y_raw[k] = *reinterpret_cast<const uint4*>(y_row + (kSinkhorn ? k : j) * p.y_stream + col);
     post = p.h_post[row * N + j];
-    if constexpr (kSinkhorn)
-      sinkhorn_row(p.h_res + row * R, N, p.sinkhorn_iters, j, h_row);
-    else
-      h_row[0] = p.h_res[row * N + j];
+    if constexpr (kSinkhorn) {
+      if (warp == 0) sinkhorn(p.h_res + row * R, N, p.sinkhorn_iters, h_res);
+    } else {
+      keep = p.h_res[row * N + j];
+    }
     if (p.embedding != nullptr) e_raw = *reinterpret_cast<const uint4*>(p.embedding + col);
   }
   wait_for_previous_kernel();
@@ -130,12 +118,13 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
 
   float v[kSiteColumns];  // y'_j at the thread's columns, rounded as stored
   if (p.write) {
+    if constexpr (kSinkhorn) __syncthreads();  // h_res written
     float kept[kSiteColumns] = {}, out[kSiteColumns], e[kSiteColumns];
 #pragma unroll
     for (int k = 0; k < Y; ++k) {  // sum_k H_res[j, k] y_k, the streams summed in order
       float y_old[kSiteColumns];
       bf16x8_to_float(y_raw[k], y_old);
-      const float h = h_row[k];
+      const float h = kSinkhorn ? h_res[j * N + k] : keep;
 #pragma unroll
       for (int c = 0; c < kSiteColumns; ++c) kept[c] += h * y_old[c];
     }
@@ -263,7 +252,7 @@ __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }
 // Each sum is added up by kFoldSumLanes neighbouring lanes, so that all of a block's loads are in
 // flight at once (the sums are (S, blocks): a row of the GEMV before's blocks for each).
 constexpr int kFoldSumLanes = 8;  // kFoldMaxSums x 8 <= 256, the threads of the smallest GEMV block
-__device__ __forceinline__ void fold_read_gates(const Params& p, float* fold) {
+__device__ __forceinline__ void fold_read_gates(const FoldParams& p, float* fold) {
   const SiteFold& s = p.site;
   const int n = s.n, S = fold_sums(n), t = threadIdx.x, q = t / kFoldSumLanes;
   float* totals = fold;     // (S,)
@@ -290,7 +279,7 @@ __device__ __forceinline__ void fold_read_gates(const Params& p, float* fold) {
 }
 
 // READ: word j of the GEMV's input, x = sum_i h_pre_i y'_i (the streams summed in order), in bf16.
-__device__ __forceinline__ void fold_x_word(const Params& p, const float* fold, int j, float* v) {
+__device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fold, int j, float* v) {
   const int n = p.site.n;
   const float* h_pre = fold + fold_sums(n);
   float sum[8] = {};
@@ -305,8 +294,9 @@ __device__ __forceinline__ void fold_x_word(const Params& p, const float* fold, 
 }
 
 // WRITE, before the wait (written by earlier kernels, or parameters): the next site's W at the block's
-// columns and the old streams there. `fold`: w (S - 1, n, cols), y (n, cols), then fold_write's sums.
-__device__ __forceinline__ void fold_write_early(const Params& p, float* fold, int col0, int cols) {
+// columns and the old streams there. `fold`: w (S - 1, n, cols), y (n, cols), then fold_write's H_res
+// and sums.
+__device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fold, int col0, int cols) {
   const SiteFold& s = p.site;
   const int n = s.n, rows = fold_sums(n) - 1;
   float* w = fold;
@@ -317,25 +307,23 @@ __device__ __forceinline__ void fold_write_early(const Params& p, float* fold, i
     y[e] = __bfloat162float(s.streams[e / cols * s.stream_stride + col0 + e % cols]);
 }
 
-// WRITE, after the block stored its outputs (kStore): y' at its columns, one thread each (which runs
-// the Sinkhorn iterations for its row of H_res), and the block's sums.
-__device__ __forceinline__ void fold_write(const Params& p, float* fold, int col0, int cols) {
+// WRITE, after the block stored its outputs (kStore): H_res (warp 0), y' at its columns, one thread
+// each, and the block's sums.
+__device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols) {
   const SiteFold& s = p.site;
   const int n = s.n, S = fold_sums(n), rows = S - 1;
   const float* w = fold;
   const float* y = w + rows * n * cols;
-  float* sums = fold + rows * n * cols + n * cols;  // (warps holding columns, S)
-  __syncthreads();  // the block's outputs, stored
+  float* h = fold + rows * n * cols + n * cols;  // (n, n)
+  float* sums = h + n * n;                       // (warps holding columns, S)
+  if (threadIdx.x < 32) sinkhorn(s.write_logits, n, s.iters, h);
+  __syncthreads();  // the block's outputs stored, H_res computed
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
   float dot[kFoldMaxSums - 1] = {}, square = 0.f;
   if (t < n * cols) {
     const int i = t / cols, c = t % cols;
-    float h[kFoldMaxStreams];
-    sinkhorn_row(s.write_logits, n, s.iters, i, h);
     float kept = 0.f;
-#pragma unroll
-    for (int k = 0; k < kFoldMaxStreams; ++k)
-      if (k < n) kept += h[k] * y[k * cols + c];
+    for (int k = 0; k < n; ++k) kept += h[i * n + k] * y[k * cols + c];
     const __nv_bfloat16 stored = __float2bfloat16(kept + s.write_h_post[i] * __bfloat162float(p.y[col0 + c]));
     s.new_streams[static_cast<size_t>(i) * p.N + col0 + c] = stored;
     const float v = __bfloat162float(stored);
@@ -369,22 +357,19 @@ __device__ __forceinline__ void fold_write(const Params& p, float* fold, int col
 }
 
 // The shared memory (floats) a GEMV block of `warps` warps and `cols` output columns adds for its fold.
-int fold_floats(const Params& p, int cols, int warps) {
+int fold_floats(const FoldParams& p, int cols, int warps) {
   const int n = p.site.n, S = fold_sums(n);
-  if (p.site.write) return (S - 1) * n * cols + n * cols + warps * S;
-  return p.site.read ? S + n : 0;
+  return p.site.write ? (S - 1) * n * cols + n * cols + n * n + warps * S : S + n;
 }
 
 // Sets p.site from the tensors of a read fold {partials, bias, alpha} (x: the streams (n, K)) or a
 // write fold {streams (n, N), h_post, logits, next_weight}, and returns the two outputs the fold adds:
-// h_post and the logits (read), y' and the sums, (S, blocks) for its `blocks` blocks (write); or, with
-// neither, two empty tensors (distinct, as a custom op's outputs must be).
-std::vector<torch::Tensor> fold_site(Params& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
+// h_post and the logits (read), y' and the sums, (S, blocks) for its `blocks` blocks (write).
+std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
                                      const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
                                      int blocks) {
   SiteFold& s = p.site;
   s.read = !read_site.empty(), s.write = !write_site.empty();
-  if (!s.read && !s.write) return {torch::empty({0}, x.options()), torch::empty({0}, x.options())};
   TORCH_CHECK(!(s.read && s.write), "a GEMV folds one site's read or one site's write");
   const auto floats = x.options().dtype(torch::kFloat);
   const torch::Tensor& streams = s.read ? x : write_site[0];

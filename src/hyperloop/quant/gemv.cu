@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <type_traits>
 
 namespace {
 
@@ -102,6 +103,12 @@ struct Params {
   __nv_bfloat16* v_cache;
   const int64_t* column;
   int heads, head_dim, cache_len;
+};
+
+// A GEMV's parameters with a site folded in: its own kernel instances, so that a plain GEMV keeps
+// the lean code and parameter block (with the fold in every instance, hyperloop-s int4 decode was 9%
+// slower, even where unused).
+struct FoldParams : Params {
   SiteFold site;
 };
 
@@ -147,11 +154,10 @@ __device__ __forceinline__ void finish_pair(const Params& p, int pair, float a, 
 
 // The site folds, defined with the site kernel (model/hc_site.cu, compiled after this file). `fold`:
 // the shared memory after x_pairs; the block's output columns are col0 .. col0 + cols - 1.
-// Inlined: a call in the kernel, even one not taken, made every GEMV 9% slower (hyperloop-s decode).
-__device__ __forceinline__ void fold_read_gates(const Params& p, float* fold);
-__device__ __forceinline__ void fold_x_word(const Params& p, const float* fold, int j, float* v);
-__device__ __forceinline__ void fold_write_early(const Params& p, float* fold, int col0, int cols);
-__device__ __forceinline__ void fold_write(const Params& p, float* fold, int col0, int cols);
+__device__ __forceinline__ void fold_read_gates(const FoldParams& p, float* fold);
+__device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fold, int j, float* v);
+__device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fold, int col0, int cols);
+__device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols);
 
 // Programmatic dependent launch (sm_90): wait until the kernel before has finished and its writes
 // are visible; let the kernel after start early. Both are no-ops on a plain launch.
@@ -168,11 +174,12 @@ __device__ __forceinline__ void allow_next_kernel() {
 }
 
 // Word j (8 elements) of the GEMV's input: x's, or with a folded site read, the streams combined.
-__device__ __forceinline__ void load_x(const Params& p, const float* fold, int j, float* v) {
-  if (p.site.read)
-    fold_x_word(p, fold, j, v);
-  else
-    bf16x8_to_float(p.x[j], v);
+template <typename P>
+__device__ __forceinline__ void load_x(const P& p, const float* fold, int j, float* v) {
+  if constexpr (std::is_same_v<P, FoldParams>) {
+    if (p.site.read) return fold_x_word(p, fold, j, v);
+  }
+  bf16x8_to_float(p.x[j], v);
 }
 
 // A warp's weights at chunk c (32 codes a row): the codes of its two rows and their group's grid.
@@ -193,9 +200,10 @@ __device__ __forceinline__ Chunk load_chunk(const Params& p, int row0, int c) {
   return chunk;
 }
 
-template <int SPLIT, bool SMALL_GRID>
-__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const Params p) {
+template <int SPLIT, bool SMALL_GRID, typename P>  // P: Params, or FoldParams for a folded site
+__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const P p) {
   constexpr int warps = SMALL_GRID ? kSmallGridWarps : kLargeGridWarps;
+  constexpr bool kFold = std::is_same_v<P, FoldParams>;
   extern __shared__ uint4 x_pairs[];  // K/8 entries, one per word: four f16x2 (x_s, x_{s+4}) * x_scale
   __shared__ float partial[warps][kRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, x_words = p.K / 8, chunks = p.K / 32;
@@ -208,12 +216,14 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
   // kernel before: requested while it may still be running; so are a folded write's operands.
   if (SMALL_GRID && c < chunks) chunk = load_chunk(p, row0, c);
-  if (p.site.write) fold_write_early(p, fold, col0, cols);
+  if constexpr (kFold)
+    if (p.site.write) fold_write_early(p, fold, col0, cols);
   if (SMALL_GRID) {
     wait_for_previous_kernel();  // x and the residual are its results
     allow_next_kernel();
   }
-  if (p.site.read) fold_read_gates(p, fold);
+  if constexpr (kFold)
+    if (p.site.read) fold_read_gates(p, fold);
 
   float x_scale = 0.0625f;
   if (p.norm_weight != nullptr) {  // every block sums the squares of all of x itself: cheaper than a kernel
@@ -290,7 +300,8 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
       for (int r = 0; r < kRows; ++r) sums[r] += partial[threadIdx.x * SPLIT + s][r];
     finish_pair(p, pair, sums[0] * 16.f, sums[1] * 16.f);  // undo the 1/16 of x_scale
   }
-  if (p.site.write) fold_write(p, fold, col0, cols);
+  if constexpr (kFold)
+    if (p.site.write) fold_write(p, fold, col0, cols);
 }
 
 template <typename T>
@@ -351,14 +362,14 @@ void launch_with(cudaLaunchConfig_t config, void (*kernel)(KernelParams), const 
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
-template <int SPLIT, bool SMALL_GRID>
-void launch_kernel(const Params& p, int blocks, int smem, cudaStream_t stream, bool programmatic) {
+template <int SPLIT, bool SMALL_GRID, typename P>
+void launch_kernel(const P& p, int blocks, int smem, cudaStream_t stream, bool programmatic) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(blocks);
   config.blockDim = dim3((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  launch_with(config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p, 1, programmatic);
+  launch_with(config, int4_gemv_kernel<SPLIT, SMALL_GRID, P>, p, 1, programmatic);
 }
 
 struct Device {
@@ -389,22 +400,23 @@ Grid gemv_grid(int N, int split, int device) {
   return {blocks(kLargeGridWarps), kLargeGridWarps, false};
 }
 
-template <int SPLIT>
-void launch_split(const Params& p, const Grid& g, int smem, cudaStream_t stream, int device) {
+template <int SPLIT, typename P>
+void launch_split(const P& p, const Grid& g, int smem, cudaStream_t stream, int device) {
   if (g.small)
     launch_kernel<SPLIT, true>(p, g.blocks, smem, stream, device_info(device).major >= 9);
   else
     launch_kernel<SPLIT, false>(p, g.blocks, smem, stream, false);
 }
 
-int fold_floats(const Params& p, int cols, int warps);  // hc_site.cu
+int fold_floats(const FoldParams& p, int cols, int warps);  // hc_site.cu
 
-void launch(const Params& p, int64_t split, const torch::Tensor& x) {
+template <typename P>
+void launch(const P& p, int64_t split, const torch::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Grid g = gemv_grid(p.N, split, x.get_device());
-  const int cols = kRows * g.warps / split;  // a block's outputs
-  const int smem = p.K / 8 * sizeof(uint4) + fold_floats(p, cols, g.warps) * sizeof(float);
+  int smem = p.K / 8 * sizeof(uint4);
+  if constexpr (std::is_same_v<P, FoldParams>) smem += fold_floats(p, kRows * g.warps / split, g.warps) * sizeof(float);
   switch (split) {
     case 1: launch_split<1>(p, g, smem, stream, x.get_device()); break;
     case 2: launch_split<2>(p, g, smem, stream, x.get_device()); break;
@@ -412,9 +424,25 @@ void launch(const Params& p, int64_t split, const torch::Tensor& x) {
   }
 }
 
-std::vector<torch::Tensor> fold_site(Params& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
+std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
                                      const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
                                      int blocks);  // hc_site.cu
+
+// Launches p's GEMV, with an mHC site's read or write folded in when read_site or write_site is given
+// (hc_site.cu: fold_site); returns the two outputs the fold adds, or two empty tensors.
+std::vector<torch::Tensor> launch_folding(const Params& p, int64_t split, const torch::Tensor& x,
+                                          const std::vector<torch::Tensor>& read_site,
+                                          const std::vector<torch::Tensor>& write_site, double eps, int64_t iters) {
+  if (read_site.empty() && write_site.empty()) {
+    launch(p, split, x);
+    return {torch::empty({0}, x.options()), torch::empty({0}, x.options())};  // distinct, as a custom op's outputs must be
+  }
+  FoldParams folded{};
+  static_cast<Params&>(folded) = p;
+  auto outputs = fold_site(folded, x, read_site, write_site, eps, iters, gemv_grid(p.N, split, x.get_device()).blocks);
+  launch(folded, split, x);
+  return outputs;
+}
 
 // ---- The layer's attention: one query a row over the KV cache (int4_block.py, between wqkv and wo) ----
 //   out[b, h] = sum_t softmax_t(q . k_t / sqrt(D)) v_t   over the columns t = pad[b] .. *column
@@ -589,9 +617,7 @@ std::vector<torch::Tensor> int4_gemv(torch::Tensor x, torch::Tensor words, torch
     p.residual = bf16_of(*residual, p.N, "residual");
     p.epilogue = kResidual;
   }
-  auto outputs = fold_site(p, x, read_site, write_site, site_eps, sinkhorn_iters,
-                           gemv_grid(p.N, split, x.get_device()).blocks);
-  launch(p, split, x);
+  auto outputs = launch_folding(p, split, x, read_site, write_site, site_eps, sinkhorn_iters);
   outputs.insert(outputs.begin(), y);
   return outputs;
 }
@@ -624,8 +650,7 @@ std::vector<torch::Tensor> int4_gemv_rope_cache(torch::Tensor x, torch::Tensor w
   p.position = position.data_ptr<int64_t>();
   p.column = column.data_ptr<int64_t>();
   p.epilogue = kRopeCache;
-  auto outputs = fold_site(p, x, read_site, {}, site_eps, 0, 0);
-  launch(p, split, x);
+  auto outputs = launch_folding(p, split, x, read_site, {}, site_eps, 0);
   outputs.insert(outputs.begin(), q);
   return outputs;
 }
