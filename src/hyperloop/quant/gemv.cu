@@ -84,6 +84,7 @@ struct SiteFold {
   const __nv_bfloat16* next_weight;  // (2n + n^2, nN) the next site's W
   __nv_bfloat16* new_streams;    // out: y' (n, N)
   float* new_partials;           // out: (2n + n^2 + 1, gridDim.x)
+  int debug;
 };
 
 struct Params {
@@ -177,7 +178,7 @@ __device__ __forceinline__ void allow_next_kernel() {
 template <typename P>
 __device__ __forceinline__ void load_x(const P& p, const float* fold, int j, float* v) {
   if constexpr (std::is_same_v<P, FoldParams>) {
-    if (p.site.read) return fold_x_word(p, fold, j, v);
+    if (p.site.read && !(p.site.debug & 8)) return fold_x_word(p, fold, j, v);
   }
   bf16x8_to_float(p.x[j], v);
 }
@@ -217,13 +218,13 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   // kernel before: requested while it may still be running; so are a folded write's operands.
   if (SMALL_GRID && c < chunks) chunk = load_chunk(p, row0, c);
   if constexpr (kFold)
-    if (p.site.write) fold_write_early(p, fold, col0, cols);
+    if (p.site.write && !(p.site.debug & 1)) fold_write_early(p, fold, col0, cols);
   if (SMALL_GRID) {
     wait_for_previous_kernel();  // x and the residual are its results
     allow_next_kernel();
   }
   if constexpr (kFold)
-    if (p.site.read) fold_read_gates(p, fold);
+    if (p.site.read && !(p.site.debug & 4)) fold_read_gates(p, fold);
 
   float x_scale = 0.0625f;
   if (p.norm_weight != nullptr) {  // every block sums the squares of all of x itself: cheaper than a kernel
@@ -301,7 +302,7 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
     finish_pair(p, pair, sums[0] * 16.f, sums[1] * 16.f);  // undo the 1/16 of x_scale
   }
   if constexpr (kFold)
-    if (p.site.write) fold_write(p, fold, col0, cols);
+    if (p.site.write && !(p.site.debug & 2)) fold_write(p, fold, col0, cols);
 }
 
 template <typename T>
