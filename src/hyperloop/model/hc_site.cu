@@ -324,7 +324,7 @@ __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int
     const int i = t / cols, c = t % cols;
     float kept = 0.f;
     for (int k = 0; k < n; ++k) kept += h[i * n + k] * y[k * cols + c];
-    const __nv_bfloat16 stored = __float2bfloat16(kept + ((s.debug & 64) ? 0.f : s.write_h_post[i] * __bfloat162float(p.y[col0 + c])));
+    const __nv_bfloat16 stored = __float2bfloat16(kept + s.write_h_post[i] * __bfloat162float(p.y[col0 + c]));
     s.new_streams[static_cast<size_t>(i) * p.N + col0 + c] = stored;
     const float v = __bfloat162float(stored);
 #pragma unroll
@@ -333,7 +333,7 @@ __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int
     square = v * v;
   }
   const int busy_warps = (n * cols + 31) / 32;
-  if (warp < busy_warps && !(s.debug & 32)) {
+  if (warp < busy_warps) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
 #pragma unroll

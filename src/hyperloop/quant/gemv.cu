@@ -202,7 +202,7 @@ __device__ __forceinline__ Chunk load_chunk(const Params& p, int row0, int c) {
 }
 
 template <int SPLIT, bool SMALL_GRID, typename P>  // P: Params, or FoldParams for a folded site
-__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32, (SMALL_GRID && std::is_same_v<P, FoldParams>) ? 6 : 1) int4_gemv_kernel(const P p) {
+__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const P p) {
   constexpr int warps = SMALL_GRID ? kSmallGridWarps : kLargeGridWarps;
   constexpr bool kFold = std::is_same_v<P, FoldParams>;
   extern __shared__ uint4 x_pairs[];  // K/8 entries, one per word: four f16x2 (x_s, x_{s+4}) * x_scale
