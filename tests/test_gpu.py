@@ -399,12 +399,21 @@ def test_mhc_site_folded_into_the_gemvs_matches_hyper_py(n, dim, out_features):
         assert _rel(y_new.view(want_y.shape), want_y) < 1e-2
         assert sums.shape == (2 * n + n * n + 1, gemv.grid_blocks(dim, closing[3], y.device))
 
-        z, h_post, logits = gemv.int4_gemv_sites(y_new, *opening, norm_weight, 1e-5, False, [sums, second.bias,
-                                                 second.alpha], [], RMS_EPS, 0)  # fmt: skip
-        want_x, (_, want_post, want_res) = second._read(y_new.view(1, 1, n, dim), torch.bfloat16)
+        z, h_post, res = gemv.int4_gemv_sites(y_new, *opening, norm_weight, 1e-5, False, [sums, second.bias,
+                                              second.alpha], [], RMS_EPS, second.sinkhorn_iters)  # fmt: skip
+        want_x, want_gates = second._read(y_new.view(1, 1, n, dim), torch.bfloat16)
+        _, want_post, want_res = want_gates
+        logits, h_res = res.view(2, n, n)  # the logits, and H_res from the GEMV's site block
         assert _rel(h_post, want_post.flatten()) < 1e-4
-        assert _rel(sinkhorn(logits.view(n, n), second.sinkhorn_iters), want_res.view(n, n)) < 1e-4
+        assert _rel(sinkhorn(logits, second.sinkhorn_iters), want_res.view(n, n)) < 1e-4
+        assert _rel(h_res, want_res.view(n, n)) < 1e-4
         assert _rel(z, gemv.int4_gemv(want_x.flatten(), *opening, norm_weight=norm_weight, eps=1e-5)) < 1e-2
+
+        # the write that closes this branch takes that H_res as it is (no iterations of its own)
+        write_site = [y_new, h_post, h_res.flatten(), second.weight]
+        _, y_last, _ = gemv.int4_gemv_sites(h, *closing, None, 0.0, False, [], write_site, RMS_EPS, 0)
+        want_last = second._write(y_new.view(1, 1, n, dim), out.view(1, 1, dim), want_gates)
+        assert _rel(y_last.view(want_last.shape), want_last) < 1e-2
 
 
 @pytest.mark.parametrize("arch", ["hyperloop", "mhc"])

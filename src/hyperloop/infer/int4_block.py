@@ -98,24 +98,29 @@ class FusedInt4Blocks:
 
         def last(linear: QuantLinear, h: torch.Tensor, residual: torch.Tensor | None, gates):
             if branch and self.fold_sites:  # the site's write runs it (decode_site.write)
-                return decode_site.Pending(h, *operands(linear), decode_site.Gates(*gates) if read else None)
+                if not read:
+                    return decode_site.Pending(h, *operands(linear), None, None)
+                h_post, res = gates  # res: H_res's logits, then H_res (the site block's iterations)
+                logits, h_res = res.chunk(2)
+                return decode_site.Pending(h, *operands(linear), decode_site.Gates(h_post, logits), h_res)
             return gemv.int4_gemv(h, *operands(linear), residual=residual).view(1, 1, -1)
 
         h = read.streams if read else x.reshape(-1)
         site = read.site() if read else []  # a read the first GEMV finishes: its gates come out with the output
+        iters = read.iters if read else 0
         gates = None
         if branch != "mlp":
             k_cache, v_cache = cache.k[slot], cache.v[slot]
             q, *gates = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, self.cos,
                                                   self.sin, cache.positions, k_cache, v_cache, cache.column, site,
-                                                  RMS_EPS)  # fmt: skip
+                                                  RMS_EPS, iters)  # fmt: skip
             out = gemv.decode_attention(q.view(1, heads, -1), k_cache, v_cache, cache.pad, cache.column)
             if branch == "attn":
                 return last(wo, out.reshape(-1), None, gates)
             h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=h)
         if read:
             gated, *gates = gemv.int4_gemv_sites(h, *operands(w_gate_up, SWIGLU), mlp_norm.weight, mlp_norm.eps, True,
-                                                 site, [], RMS_EPS, 0)  # fmt: skip
+                                                 site, [], RMS_EPS, iters)  # fmt: skip
         else:  # (not int4_gemv_sites: its two empty outputs would only cost allocations)
             gated = gemv.int4_gemv(h, *operands(w_gate_up, SWIGLU), norm_weight=mlp_norm.weight, eps=mlp_norm.eps,
                                    swiglu=True)  # fmt: skip

@@ -63,13 +63,15 @@ class Read(NamedTuple):
 
 class FoldedRead(NamedTuple):
     """A site's read left to the branch's first int4 GEMV (gemv.int4_gemv_sites): the streams y' (n, C)
-    and the sums of W y' and |y'|^2 the blocks of the GEMV that wrote them left, with the site's bias
-    and alpha. HyperConnection.read hands it to the branch as its input."""
+    and the sums of W y' and |y'|^2 the blocks of the GEMV that wrote them left, with the site's bias,
+    alpha and Sinkhorn iterations (that GEMV's site block runs them). HyperConnection.read hands it to
+    the branch as its input."""
 
     streams: torch.Tensor
     sums: torch.Tensor
     bias: torch.Tensor
     alpha: torch.Tensor
+    iters: int
 
     def site(self) -> list[torch.Tensor]:
         """gemv.int4_gemv_sites' read_site."""
@@ -78,8 +80,9 @@ class FoldedRead(NamedTuple):
 
 class Pending(NamedTuple):
     """A branch's output whose last int4 GEMV (of `x`, with gemv's operands) has not run: the site's
-    write runs it, folding itself in where it can. `gates`: the site's, when the branch's first GEMV
-    finished a FoldedRead (else the read's coefficients have them)."""
+    write runs it, folding itself in where it can. `gates` and `h_res` (H_res after its iterations):
+    the site's, when the branch's first GEMV finished a FoldedRead (else the read's coefficients have
+    the gates, with H_res's logits)."""
 
     x: torch.Tensor
     words: torch.Tensor
@@ -87,6 +90,7 @@ class Pending(NamedTuple):
     group_size: int
     split: int
     gates: Gates | None
+    h_res: torch.Tensor | None
 
 
 def fits(n: int, dim: int) -> bool:
@@ -171,10 +175,13 @@ def write(hc: HyperConnection, y: torch.Tensor, out: torch.Tensor, gates: Gates,
     if isinstance(out, Pending):
         gates = out.gates if out.gates is not None else gates
         if next_site is not None and next_site.decode_kernel:
-            write_site = [y.flatten(0, -3)[0], gates.h_post.reshape(-1), gates.h_res.reshape(-1), next_site.weight]
+            # H_res from the folded read's site block, else its logits and the write runs the iterations
+            h_res, iters = (out.h_res, 0) if out.h_res is not None else (gates.h_res.reshape(-1), iterations(hc))
+            write_site = [y.flatten(0, -3)[0], gates.h_post.reshape(-1), h_res, next_site.weight]
             _, y_new, sums = gemv.int4_gemv_sites(out.x, out.words, out.grid, out.group_size, out.split, None, 0.0,
-                                                  False, [], write_site, RMS_EPS, iterations(hc))  # fmt: skip
-            return y_new.view(y.shape), FoldedRead(y_new, sums, next_site.bias, next_site.alpha)
+                                                  False, [], write_site, RMS_EPS, iters)  # fmt: skip
+            return y_new.view(y.shape), FoldedRead(y_new, sums, next_site.bias, next_site.alpha,
+                                                   iterations(next_site))
         out = gemv.int4_gemv(out.x, out.words, out.grid, out.group_size, out.split)
     streams, written = y.flatten(0, -3), out.reshape(-1, hc.dim).contiguous()
     reads_next = next_site is not None and next_site.decode_kernel and next_site.h_res == hc.h_res

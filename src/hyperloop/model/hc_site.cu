@@ -242,40 +242,56 @@ void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream,
 //     site's W y' and of |y'|^2, one set of sums a block (W and the old streams are loaded before it
 //     waits for the kernel before; the gates may come from that kernel, so they are read after);
 //   - the GEMV that opens the next branch (wqkv, w_gate_up) adds up those sums, computes the gates
-//     in every block, and combines its input x = sum_j h_pre_j y'_j as it stages it.
+//     in every block, and combines its input x = sum_j h_pre_j y'_j as it stages it; one block more
+//     than the GEMV's runs the site's Sinkhorn iterations, for the write that closes the branch.
 // The first site's read and the last site's write (the merge) stay on hc_site_kernel. The math and the
 // roundings are the site kernel's: y' and x in bf16, everything else in fp32.
 
 __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }  // W's rows, then |y'|^2
 
 // READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
-// Each sum is added up by kFoldSumLanes neighbouring lanes, so that all of a block's loads are in
-// flight at once (the sums are (S, blocks): a row of the GEMV before's blocks for each).
-constexpr int kFoldSumLanes = 8;  // kFoldMaxSums x 8 <= 256, the threads of the smallest GEMV block
-__device__ __forceinline__ void fold_read_gates(const FoldParams& p, float* fold) {
+// Each sum is added up by kFoldSumLanes neighbouring lanes, each with all its loads in flight at once
+// (the sums are (S, blocks): a row of the GEMV before's blocks for each). The grid has one block more
+// than the GEMV's, the site block: it computes the gates too, stores h_post and the logits, runs
+// H_res's Sinkhorn iterations for the write that closes the branch (so that they are off that
+// GEMV's critical path) and stores H_res; it does no GEMV work (returns true).
+constexpr int kFoldSumLanes = 8;   // fold_sums(4) x 8 <= 256, the threads of the smallest GEMV block
+constexpr int kFoldSumLoads = 16;  // loads a lane has in flight: 128 blocks a round
+__device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold) {
   const SiteFold& s = p.site;
   const int n = s.n, S = fold_sums(n), t = threadIdx.x, q = t / kFoldSumLanes;
+  const bool site_block = blockIdx.x == gridDim.x - 1;
   float* totals = fold;     // (S,)
   float* h_pre = fold + S;  // (n,)
   float sum = 0.f;
   if (q < S)
-#pragma unroll 8
-    for (int b = t % kFoldSumLanes; b < s.partial_blocks; b += kFoldSumLanes) sum += s.partials[q * s.partial_blocks + b];
+    for (int b0 = t % kFoldSumLanes; b0 < s.partial_blocks; b0 += kFoldSumLanes * kFoldSumLoads) {
+      float part[kFoldSumLoads];
+#pragma unroll
+      for (int k = 0; k < kFoldSumLoads; ++k) {
+        const int b = b0 + k * kFoldSumLanes;
+        part[k] = b < s.partial_blocks ? s.partials[q * s.partial_blocks + b] : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kFoldSumLoads; ++k) sum += part[k];
+    }
 #pragma unroll
   for (int offset = kFoldSumLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (q < S && t % kFoldSumLanes == 0) totals[q] = sum;
   __syncthreads();
-  if (t < n * n) {  // every block computes h_pre; block 0 stores h_post and the logits for the write
+  if (t < n * n) {
     const float inv_rms = rsqrtf(totals[S - 1] / (n * p.K) + s.eps);
     const float a_pre = __bfloat162float(s.alpha[0]), a_post = __bfloat162float(s.alpha[1]),
                 a_res = __bfloat162float(s.alpha[2]);
     if (t < n) {
       h_pre[t] = sigmoid(a_pre * (totals[t] * inv_rms) + __bfloat162float(s.bias[t]));
-      if (blockIdx.x == 0) s.h_post[t] = 2.f * sigmoid(a_post * (totals[n + t] * inv_rms) + __bfloat162float(s.bias[n + t]));
+      if (site_block) s.h_post[t] = 2.f * sigmoid(a_post * (totals[n + t] * inv_rms) + __bfloat162float(s.bias[n + t]));
     }
-    if (blockIdx.x == 0) s.logits[t] = a_res * (totals[2 * n + t] * inv_rms) + __bfloat162float(s.bias[2 * n + t]);
+    if (site_block) s.logits[t] = a_res * (totals[2 * n + t] * inv_rms) + __bfloat162float(s.bias[2 * n + t]);
   }
   __syncthreads();
+  if (site_block && t < 32) sinkhorn(s.logits, n, s.iters, s.logits + n * n);  // its own stores: one warp's
+  return site_block;
 }
 
 // READ: word j of the GEMV's input, x = sum_i h_pre_i y'_i (the streams summed in order), in bf16.
@@ -295,7 +311,7 @@ __device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fo
 
 // WRITE, before the wait (written by earlier kernels, or parameters): the next site's W at the block's
 // columns and the old streams there. `fold`: w (S - 1, n, cols), y (n, cols), then fold_write's H_res
-// and sums.
+// and y'.
 __device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fold, int col0, int cols) {
   const SiteFold& s = p.site;
   const int n = s.n, rows = fold_sums(n) - 1;
@@ -307,69 +323,56 @@ __device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fol
     y[e] = __bfloat162float(s.streams[e / cols * s.stream_stride + col0 + e % cols]);
 }
 
-// WRITE, after the block stored its outputs (kStore): H_res (warp 0), y' at its columns, one thread
-// each, and the block's sums.
+// WRITE, after the block stored its outputs (kStore): H_res (the read's site block left it, or warp 0
+// runs the iterations on the logits of a read that was not folded), y' at its columns, one thread
+// each, and the block's sums, kFoldSumLanes lanes a sum over y' in shared memory.
 __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols) {
   const SiteFold& s = p.site;
-  const int n = s.n, S = fold_sums(n), rows = S - 1;
+  const int n = s.n, S = fold_sums(n), rows = S - 1, t = threadIdx.x;
   const float* w = fold;
   const float* y = w + rows * n * cols;
   float* h = fold + rows * n * cols + n * cols;  // (n, n)
-  float* sums = h + n * n;                       // (warps holding columns, S)
-  if (threadIdx.x < 32 && !(s.debug & 16)) sinkhorn(s.write_logits, n, s.iters, h);
-  __syncthreads();  // the block's outputs stored, H_res computed
-  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
-  float dot[kFoldMaxSums - 1] = {}, square = 0.f;
+  float* mixed = h + n * n;                      // y' (n, cols)
+  if (s.iters > 0) {
+    if (t < 32) sinkhorn(s.write_res, n, s.iters, h);
+  } else if (t < n * n) {
+    h[t] = s.write_res[t];
+  }
+  __syncthreads();  // the block's outputs stored, H_res in shared memory
   if (t < n * cols) {
     const int i = t / cols, c = t % cols;
     float kept = 0.f;
     for (int k = 0; k < n; ++k) kept += h[i * n + k] * y[k * cols + c];
     const __nv_bfloat16 stored = __float2bfloat16(kept + s.write_h_post[i] * __bfloat162float(p.y[col0 + c]));
     s.new_streams[static_cast<size_t>(i) * p.N + col0 + c] = stored;
-    const float v = __bfloat162float(stored);
-#pragma unroll
-    for (int q = 0; q < kFoldMaxSums - 1; ++q)
-      if (q < rows) dot[q] = w[(q * n + i) * cols + c] * v;
-    square = v * v;
-  }
-  const int busy_warps = (n * cols + 31) / 32;
-  if (warp < busy_warps) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-#pragma unroll
-      for (int q = 0; q < kFoldMaxSums - 1; ++q)
-        if (q < rows) dot[q] += __shfl_xor_sync(0xffffffffu, dot[q], offset);
-      square += __shfl_xor_sync(0xffffffffu, square, offset);
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int q = 0; q < kFoldMaxSums - 1; ++q)
-        if (q < rows) sums[warp * S + q] = dot[q];
-      sums[warp * S + rows] = square;
-    }
+    mixed[t] = __bfloat162float(stored);
   }
   __syncthreads();
-  if (t < S) {
-    float total = 0.f;
-    for (int k = 0; k < busy_warps; ++k) total += sums[k * S + t];
-    s.new_partials[t * gridDim.x + blockIdx.x] = total;  // (S, blocks)
-  }
+  const int q = t / kFoldSumLanes;  // W's row q of the next site (its share at these columns), or |y'|^2
+  float sum = 0.f;
+  if (q < S)
+    for (int e = t % kFoldSumLanes; e < n * cols; e += kFoldSumLanes)
+      sum += (q < rows ? w[q * n * cols + e] : mixed[e]) * mixed[e];
+#pragma unroll
+  for (int offset = kFoldSumLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (q < S && t % kFoldSumLanes == 0) s.new_partials[q * gridDim.x + blockIdx.x] = sum;  // (S, blocks)
 }
 
-// The shared memory (floats) a GEMV block of `warps` warps and `cols` output columns adds for its fold.
-int fold_floats(const FoldParams& p, int cols, int warps) {
+// The shared memory (floats) a GEMV block of `cols` output columns adds for its fold.
+int fold_floats(const FoldParams& p, int cols) {
   const int n = p.site.n, S = fold_sums(n);
-  return p.site.write ? (S - 1) * n * cols + n * cols + n * n + warps * S : S + n;
+  return p.site.write ? (S - 1) * n * cols + 2 * n * cols + n * n : S + n;
 }
 
 // Sets p.site from the tensors of a read fold {partials, bias, alpha} (x: the streams (n, K)) or a
-// write fold {streams (n, N), h_post, logits, next_weight}, and returns the two outputs the fold adds:
-// h_post and the logits (read), y' and the sums, (S, blocks) for its `blocks` blocks (write).
+// write fold {streams (n, N), h_post, H_res or logits, next_weight}, and returns the two outputs the
+// fold adds: h_post and (2, n^2) the logits and H_res (read: `iters` Sinkhorn iterations in the site
+// block), y' and the sums, (S, blocks) for its `blocks` blocks (write: with iters > 0 the write runs
+// them on logits, else takes H_res as it is).
 std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
                                      const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
                                      int blocks) {
   SiteFold& s = p.site;
-  s.debug = getenv("FOLD_DBG") ? atoi(getenv("FOLD_DBG")) : 0;
   s.read = !read_site.empty(), s.write = !write_site.empty();
   TORCH_CHECK(!(s.read && s.write), "a GEMV folds one site's read or one site's write");
   const auto floats = x.options().dtype(torch::kFloat);
@@ -378,6 +381,8 @@ std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, cons
   s.n = streams.size(0);
   TORCH_CHECK(s.n == 1 || s.n == 2 || s.n == 4, "a folded site: 1, 2 or 4 streams");
   const int S = fold_sums(s.n);
+  TORCH_CHECK(iters >= 0, "sinkhorn_iters: at least 0");
+  s.iters = static_cast<int>(iters);
   if (s.read) {
     TORCH_CHECK(read_site.size() == 3, "read_site: partials, bias, alpha");
     const torch::Tensor& partials = read_site[0];
@@ -386,21 +391,21 @@ std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, cons
     s.partials = partials.data_ptr<float>(), s.partial_blocks = partials.size(1);
     s.bias = bf16_of(read_site[1], S - 1, "bias"), s.alpha = bf16_of(read_site[2], 3, "alpha");
     s.eps = static_cast<float>(eps);
-    auto h_post = torch::empty({s.n}, floats), logits = torch::empty({s.n * s.n}, floats);
+    TORCH_CHECK(iters > 0, "a folded read: its Sinkhorn iterations (sinkhorn_iters > 0)");
+    auto h_post = torch::empty({s.n}, floats), logits = torch::empty({2 * s.n * s.n}, floats);
     s.h_post = h_post.data_ptr<float>(), s.logits = logits.data_ptr<float>();
     return {h_post, logits};
   }
-  TORCH_CHECK(write_site.size() == 4, "write_site: streams, h_post, logits, next_weight");
+  TORCH_CHECK(write_site.size() == 4, "write_site: streams, h_post, H_res or logits, next_weight");
   TORCH_CHECK(p.epilogue == kStore && streams.size(1) == p.N && streams.scalar_type() == torch::kBFloat16,
               "a folded write: bf16 streams (n, N) after a plain GEMV");
   s.streams = reinterpret_cast<const __nv_bfloat16*>(streams.data_ptr<at::BFloat16>());
   s.stream_stride = streams.stride(0);
   for (int g = 1; g <= 2; ++g)
     TORCH_CHECK(write_site[g].scalar_type() == torch::kFloat && write_site[g].is_contiguous()
-                    && write_site[g].numel() == (g == 1 ? s.n : s.n * s.n), "h_post (n,), logits (n * n,): fp32");
-  s.write_h_post = write_site[1].data_ptr<float>(), s.write_logits = write_site[2].data_ptr<float>();
+                    && write_site[g].numel() == (g == 1 ? s.n : s.n * s.n), "h_post (n,), H_res (n * n,): fp32");
+  s.write_h_post = write_site[1].data_ptr<float>(), s.write_res = write_site[2].data_ptr<float>();
   s.next_weight = bf16_of(write_site[3], static_cast<int64_t>(S - 1) * s.n * p.N, "next_weight");
-  s.iters = static_cast<int>(iters);
   auto new_streams = torch::empty({s.n, p.N}, x.options()), partials = torch::empty({S, blocks}, floats);
   s.new_streams = reinterpret_cast<__nv_bfloat16*>(new_streams.data_ptr<at::BFloat16>());
   s.new_partials = partials.data_ptr<float>();

@@ -58,9 +58,7 @@ constexpr int kSmallGridWarps = 8, kLargeGridWarps = 16;
 
 enum Epilogue : int { kStore, kResidual, kSwiglu, kRopeCache };
 
-// An mHC site (Sinkhorn H_res, n <= kFoldMaxStreams streams) folded into a GEMV; hc_site.cu says how.
-constexpr int kFoldMaxStreams = 4;
-constexpr int kFoldMaxSums = 2 * kFoldMaxStreams + kFoldMaxStreams * kFoldMaxStreams + 1;  // W's rows + |y'|^2
+// An mHC site (Sinkhorn H_res, n <= 4 streams: fold_site checks) folded into a GEMV; hc_site.cu says how.
 struct SiteFold {
   int n;  // streams
   // READ, in the GEMV that opens a branch: x (n, K) holds the streams y', the GEMV's input is
@@ -71,20 +69,19 @@ struct SiteFold {
   const __nv_bfloat16* bias;   // the site's (2n + n^2,)
   const __nv_bfloat16* alpha;  // (3,)
   float eps;                   // of the RMS over the streams (model/hyper.py: RMS_EPS)
-  float* h_post;               // out: (n,) the site's gates for its write, and its H_res logits (n^2,)
-  float* logits;
+  float* h_post;               // out: (n,) the site's gates for its write,
+  float* logits;               // out: (2, n^2) its H_res logits, then H_res (the site block's iterations)
   // WRITE, in the GEMV that closes a branch (kStore), out = its output:
   //   y' = H_res y + h_post out, stored, and this block's share of the next site's W y' and |y'|^2.
   bool write;
   const __nv_bfloat16* streams;  // y (n, N), stream stride below (0: a broadcast)
   int64_t stream_stride;
-  const float* write_h_post;     // (n,) the site's gates, and its H_res logits (n^2,)
-  const float* write_logits;
-  int iters;                     // Sinkhorn iterations
+  const float* write_h_post;     // (n,) the site's gates,
+  const float* write_res;        // (n^2,) and H_res, or with iters > 0 its logits (a read not folded)
+  int iters;                     // Sinkhorn iterations (READ: the site block's; WRITE: 0 or the site's)
   const __nv_bfloat16* next_weight;  // (2n + n^2, nN) the next site's W
   __nv_bfloat16* new_streams;    // out: y' (n, N)
   float* new_partials;           // out: (2n + n^2 + 1, gridDim.x)
-  int debug;
 };
 
 struct Params {
@@ -117,6 +114,14 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
   const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
 #pragma unroll
   for (int s = 0; s < 8; ++s) out[s] = __bfloat162float(v[s]);
+}
+
+__device__ __forceinline__ uint4 bf16x8_of(const float* v) {
+  uint4 raw;
+  __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(&raw);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) out[s] = __float2bfloat16(v[s]);
+  return raw;
 }
 
 // The output pair (a, b) = rows (2 pair, 2 pair + 1) of the operands, to where the epilogue sends it.
@@ -155,7 +160,7 @@ __device__ __forceinline__ void finish_pair(const Params& p, int pair, float a, 
 
 // The site folds, defined with the site kernel (model/hc_site.cu, compiled after this file). `fold`:
 // the shared memory after x_pairs; the block's output columns are col0 .. col0 + cols - 1.
-__device__ __forceinline__ void fold_read_gates(const FoldParams& p, float* fold);
+__device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold);
 __device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fold, int j, float* v);
 __device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fold, int col0, int cols);
 __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols);
@@ -178,7 +183,7 @@ __device__ __forceinline__ void allow_next_kernel() {
 template <typename P>
 __device__ __forceinline__ void load_x(const P& p, const float* fold, int j, float* v) {
   if constexpr (std::is_same_v<P, FoldParams>) {
-    if (p.site.read && !(p.site.debug & 8)) return fold_x_word(p, fold, j, v);
+    if (p.site.read) return fold_x_word(p, fold, j, v);
   }
   bf16x8_to_float(p.x[j], v);
 }
@@ -218,13 +223,13 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   // kernel before: requested while it may still be running; so are a folded write's operands.
   if (SMALL_GRID && c < chunks) chunk = load_chunk(p, row0, c);
   if constexpr (kFold)
-    if (p.site.write && !(p.site.debug & 1)) fold_write_early(p, fold, col0, cols);
+    if (p.site.write) fold_write_early(p, fold, col0, cols);
   if (SMALL_GRID) {
     wait_for_previous_kernel();  // x and the residual are its results
     allow_next_kernel();
   }
   if constexpr (kFold)
-    if (p.site.read && !(p.site.debug & 4)) fold_read_gates(p, fold);
+    if (p.site.read && fold_read_gates(p, fold)) return;  // the site block
 
   float x_scale = 0.0625f;
   if (p.norm_weight != nullptr) {  // every block sums the squares of all of x itself: cheaper than a kernel
@@ -232,6 +237,8 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
     for (int j = threadIdx.x; j < x_words; j += warps * 32) {
       float v[8];
       load_x(p, fold, j, v);
+      if constexpr (kFold)
+        if (p.site.read) x_pairs[j] = bf16x8_of(v);  // the streams combined once: the staging reads it back
 #pragma unroll
       for (int s = 0; s < 8; ++s) squares += v[s] * v[s];
     }
@@ -246,7 +253,12 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   }
   for (int j = threadIdx.x; j < x_words; j += warps * 32) {
     float v[8], w[8];
-    load_x(p, fold, j, v);
+    bool combined = false;  // by the pass above
+    if constexpr (kFold) combined = p.site.read && p.norm_weight != nullptr;
+    if (combined)
+      bf16x8_to_float(x_pairs[j], v);
+    else
+      load_x(p, fold, j, v);
     if (p.norm_weight != nullptr) bf16x8_to_float(p.norm_weight[j], w);
     uint4 staged;
     __half2* pairs = reinterpret_cast<__half2*>(&staged);
@@ -302,7 +314,7 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
     finish_pair(p, pair, sums[0] * 16.f, sums[1] * 16.f);  // undo the 1/16 of x_scale
   }
   if constexpr (kFold)
-    if (p.site.write && !(p.site.debug & 2)) fold_write(p, fold, col0, cols);
+    if (p.site.write) fold_write(p, fold, col0, cols);
 }
 
 template <typename T>
@@ -409,15 +421,18 @@ void launch_split(const P& p, const Grid& g, int smem, cudaStream_t stream, int 
     launch_kernel<SPLIT, false>(p, g.blocks, smem, stream, false);
 }
 
-int fold_floats(const FoldParams& p, int cols, int warps);  // hc_site.cu
+int fold_floats(const FoldParams& p, int cols);  // hc_site.cu
 
 template <typename P>
 void launch(const P& p, int64_t split, const torch::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Grid g = gemv_grid(p.N, split, x.get_device());
+  Grid g = gemv_grid(p.N, split, x.get_device());
   int smem = p.K / 8 * sizeof(uint4);
-  if constexpr (std::is_same_v<P, FoldParams>) smem += fold_floats(p, kRows * g.warps / split, g.warps) * sizeof(float);
+  if constexpr (std::is_same_v<P, FoldParams>) {
+    smem += fold_floats(p, kRows * g.warps / split) * sizeof(float);
+    g.blocks += p.site.read;  // the site block (hc_site.cu: fold_read_gates)
+  }
   switch (split) {
     case 1: launch_split<1>(p, g, smem, stream, x.get_device()); break;
     case 2: launch_split<2>(p, g, smem, stream, x.get_device()); break;
@@ -623,13 +638,14 @@ std::vector<torch::Tensor> int4_gemv(torch::Tensor x, torch::Tensor words, torch
   return outputs;
 }
 
-// q, then with read_site (an mHC site's read folded in, x its streams) that site's h_post and logits,
+// q, then with read_site (an mHC site's read folded in, x its streams) that site's h_post and (2, n^2) logits and H_res,
 // else two empty tensors.
 std::vector<torch::Tensor> int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid,
                                                 int64_t group_size, int64_t split, std::optional<torch::Tensor> norm_weight,
                                                 double eps, torch::Tensor cos, torch::Tensor sin, torch::Tensor position,
                                                 torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column,
-                                                std::vector<torch::Tensor> read_site, double site_eps) {
+                                                std::vector<torch::Tensor> read_site, double site_eps,
+                                                int64_t sinkhorn_iters) {
   Params p = gemv_params(x, words, grid, group_size, norm_weight, eps, read_site.empty() ? 1 : x.size(0));
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes()
                   && v_cache.is_contiguous(), "k_cache, v_cache: contiguous (1, heads, cache_len, head_dim)");
@@ -651,7 +667,7 @@ std::vector<torch::Tensor> int4_gemv_rope_cache(torch::Tensor x, torch::Tensor w
   p.position = position.data_ptr<int64_t>();
   p.column = column.data_ptr<int64_t>();
   p.epilogue = kRopeCache;
-  auto outputs = launch_folding(p, split, x, read_site, {}, site_eps, 0);
+  auto outputs = launch_folding(p, split, x, read_site, {}, site_eps, sinkhorn_iters);
   outputs.insert(outputs.begin(), q);
   return outputs;
 }

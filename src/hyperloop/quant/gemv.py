@@ -49,7 +49,7 @@ def extension():
         f"{sites}, std::vector<torch::Tensor> write_site, double site_eps, int64_t sinkhorn_iters);\n"
         f"std::vector<torch::Tensor> int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, "
         f"torch::Tensor position, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column, {sites}, "
-        "double site_eps);\n"
+        "double site_eps, int64_t sinkhorn_iters);\n"
         "torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
         "torch::Tensor pad, torch::Tensor column);\n"
         f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge, int64_t sinkhorn_iters);"
@@ -131,9 +131,11 @@ def int4_gemv_sites(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, gr
                     sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """int4_gemv with an mHC site folded in (model/hc_site.cu; model/decode_site.py drives it), the
     GEMV's output first. `read_site` [partials, bias, alpha]: the site's read, x then its streams
-    y' (n, K) and the GEMV's input sum_j h_pre_j y'_j; adds the site's h_post (n,) and H_res logits
-    (n * n,). `write_site` [streams (n, N), h_post, logits, next site's weight]: the site's write on
-    the GEMV's output, adding y' (n, N) and the blocks' sums for the next site's read."""
+    y' (n, K) and the GEMV's input sum_j h_pre_j y'_j; adds the site's h_post (n,), and its H_res
+    logits then H_res after `sinkhorn_iters` iterations (2 * n * n,). `write_site` [streams (n, N),
+    h_post, H_res, next site's weight]: the site's write on the GEMV's output, adding y' (n, N) and the
+    blocks' sums for the next site's read; with sinkhorn_iters > 0 it takes H_res's logits instead (a
+    read that was not folded) and runs the iterations itself."""
     return tuple(extension().int4_gemv(aligned(x), words, grid, group_size, split, norm_weight, eps, None, swiglu,
                                        read_site, write_site, site_eps, sinkhorn_iters))  # fmt: skip
 
@@ -148,7 +150,7 @@ def _fake_site_outputs(x, rows: int, split: int, read_site: list, write_site: li
     """The two outputs a folded site adds after a GEMV's of `rows` rows (int4_gemv_sites), for the fakes."""
     if read_site:
         n = x.shape[0]
-        return x.new_empty(n, dtype=torch.float32), x.new_empty(n * n, dtype=torch.float32)
+        return x.new_empty(n, dtype=torch.float32), x.new_empty(2 * n * n, dtype=torch.float32)
     if write_site:
         n = write_site[0].shape[0]
         sums = 2 * n + n * n + 1
@@ -169,22 +171,23 @@ def grid_blocks(out_features: int, split: int, device: torch.device) -> int:
 def int4_gemv_rope_cache(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int,
                          norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                          position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         column: torch.Tensor, read_site: list[torch.Tensor],
-                         site_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                         column: torch.Tensor, read_site: list[torch.Tensor], site_eps: float,
+                         sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The q|k|v projection of one token (rows in rope_pairs order) with RMSNorm before it: returns q
     (heads * head_dim,) after RoPE, and writes k (after RoPE) and v into column `column` (a 0-d int64
     on the device) of k_cache and v_cache (1, heads, cache_len, head_dim). cos, sin: the RoPE tables
     (positions, head_dim / 2) fp32, read at row `position` (one int64 on the device): the kernel
     indexes them itself, since a compiled step gathering the row for every layer's call made a
     copy per call. `read_site` (empty: none): an mHC site's read folded in, as in int4_gemv_sites; the
-    site's h_post and H_res logits follow q (two empty tensors without)."""
+    site's h_post and H_res logits and H_res follow q (two empty tensors without)."""
     return tuple(extension().int4_gemv_rope_cache(aligned(x), words, grid, group_size, split, norm_weight, eps, cos,
-                                                  sin, position, k_cache, v_cache, column, read_site, site_eps))  # fmt: skip
+                                                  sin, position, k_cache, v_cache, column, read_site, site_eps,
+                                                  sinkhorn_iters))  # fmt: skip
 
 
 @int4_gemv_rope_cache.register_fake
 def _(x, words, grid, group_size, split, norm_weight, eps, cos, sin, position, k_cache, v_cache, column, read_site,
-      site_eps):  # fmt: skip
+      site_eps, sinkhorn_iters):  # fmt: skip
     return x.new_empty(words.shape[0] // 3), *_fake_site_outputs(x, words.shape[0], split, read_site, [])
 
 
