@@ -249,6 +249,43 @@ void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream,
 
 __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }  // W's rows, then |y'|^2
 
+// H_res = sinkhorn(logits) for the folds, where the iterations' latency is what counts: lane r < n
+// of the calling warp holds row r in registers, so a row's sum needs no shuffle and the n column sums
+// take log2(n) rounds of independent shuffles; divisions become one correctly rounded reciprocal a
+// sum. The same iterates as `sinkhorn` above (exp domain, rows scaled by their largest entry first).
+__device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int iters, float* h_res) {
+  constexpr unsigned kAll = 0xffffffffu;
+  constexpr int kMax = 4;  // streams
+  const int lane = threadIdx.x % 32;
+  const bool mine = lane < n;  // the other lanes hold zeros and pair among themselves
+  float v[kMax], largest = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < kMax; ++c) {
+    v[c] = mine && c < n ? logits[lane * n + c] : 0.f;
+    if (c < n) largest = fmaxf(largest, v[c]);
+  }
+#pragma unroll
+  for (int c = 0; c < kMax; ++c) v[c] = mine && c < n ? expf(v[c] - largest) : 0.f;
+  for (int it = 0; it < iters; ++it) {
+    float row = 0.f;
+#pragma unroll
+    for (int c = 0; c < kMax; ++c) row += v[c];
+    const float inv_row = mine ? __frcp_rn(row) : 0.f;
+    float column[kMax];
+#pragma unroll
+    for (int c = 0; c < kMax; ++c) column[c] = v[c] *= inv_row;
+    for (int o = 1; o < n; o *= 2)
+#pragma unroll
+      for (int c = 0; c < kMax; ++c) column[c] += __shfl_xor_sync(kAll, column[c], o);
+#pragma unroll
+    for (int c = 0; c < kMax; ++c) v[c] *= mine && c < n ? __frcp_rn(column[c]) : 0.f;
+  }
+  if (mine)
+#pragma unroll
+    for (int c = 0; c < kMax; ++c)
+      if (c < n) h_res[lane * n + c] = v[c];
+}
+
 // READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
 // Each sum is added up by kFoldSumLanes neighbouring lanes, each with all its loads in flight at once
 // (the sums are (S, blocks): a row of the GEMV before's blocks for each). The grid has one block more
@@ -290,7 +327,7 @@ __device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold
     if (site_block) s.logits[t] = a_res * (totals[2 * n + t] * inv_rms) + __bfloat162float(s.bias[2 * n + t]);
   }
   __syncthreads();
-  if (site_block && t < 32) sinkhorn(s.logits, n, s.iters, s.logits + n * n);  // its own stores: one warp's
+  if (site_block && t < 32) sinkhorn_rows(s.logits, n, s.iters, s.logits + n * n);  // its own stores
   return site_block;
 }
 
@@ -334,7 +371,7 @@ __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int
   float* h = fold + rows * n * cols + n * cols;  // (n, n)
   float* mixed = h + n * n;                      // y' (n, cols)
   if (s.iters > 0) {
-    if (t < 32) sinkhorn(s.write_res, n, s.iters, h);
+    if (t < 32) sinkhorn_rows(s.write_res, n, s.iters, h);
   } else if (t < n * n) {
     h[t] = s.write_res[t];
   }
