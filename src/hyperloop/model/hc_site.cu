@@ -57,6 +57,18 @@ __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-
 // the exp domain rather than hyper.py's log domain (the same iterates, without a log and an exp per
 // step): each row is first scaled by its largest entry, so no row can sum to 0 or overflow. (Each
 // thread iterating the whole matrix in its registers made an mhc-s bf16 step 15% slower.)
+// DEV A/B (branch only): the folds' Sinkhorn with rcp.approx instead of IEEE divisions, unless HL_FOLD_IEEE.
+__device__ __forceinline__ float fold_rcp(float x) {
+#ifdef HL_FOLD_IEEE
+  return __frcp_rn(x);
+#else
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
+template <bool kFold = false>
 __device__ __forceinline__ void sinkhorn(const float* logits, int n, int iters, float* h_res) {
   constexpr unsigned kAll = 0xffffffffu;
   const int lane = threadIdx.x % 32;
@@ -67,10 +79,18 @@ __device__ __forceinline__ void sinkhorn(const float* logits, int n, int iters, 
   for (int it = 0; it < iters; ++it) {
     float sum = v;
     for (int o = 1; o < n; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the row
+#ifdef HL_FOLD_IEEE
     v /= sum;
+#else
+    v = kFold ? v * fold_rcp(sum) : v / sum;
+#endif
     sum = v;
     for (int o = n; o < n * n; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the column
+#ifdef HL_FOLD_IEEE
     v /= sum;
+#else
+    v = kFold ? v * fold_rcp(sum) : v / sum;
+#endif
   }
   if (lane < n * n) h_res[lane] = v;
 }
@@ -254,6 +274,9 @@ __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }
 // take log2(n) rounds of independent shuffles; divisions become one correctly rounded reciprocal a
 // sum. The same iterates as `sinkhorn` above (exp domain, rows scaled by their largest entry first).
 __device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int iters, float* h_res) {
+#ifdef HL_FOLD_WARP
+  return sinkhorn<true>(logits, n, iters, h_res);
+#endif
   constexpr unsigned kAll = 0xffffffffu;
   constexpr int kMax = 4;  // streams
   const int lane = threadIdx.x % 32;
@@ -270,7 +293,7 @@ __device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int it
     float row = 0.f;
 #pragma unroll
     for (int c = 0; c < kMax; ++c) row += v[c];
-    const float inv_row = mine ? __frcp_rn(row) : 0.f;
+    const float inv_row = mine ? fold_rcp(row) : 0.f;
     float column[kMax];
 #pragma unroll
     for (int c = 0; c < kMax; ++c) column[c] = v[c] *= inv_row;
@@ -278,7 +301,7 @@ __device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int it
 #pragma unroll
       for (int c = 0; c < kMax; ++c) column[c] += __shfl_xor_sync(kAll, column[c], o);
 #pragma unroll
-    for (int c = 0; c < kMax; ++c) v[c] *= mine && c < n ? __frcp_rn(column[c]) : 0.f;
+    for (int c = 0; c < kMax; ++c) v[c] *= mine && c < n ? fold_rcp(column[c]) : 0.f;
   }
   if (mine)
 #pragma unroll
