@@ -6,19 +6,20 @@ set -uo pipefail
 export PYTHONPATH=src
 start=$(date +%s)
 el() { echo $(( $(date +%s) - start )); }
-names=(rows_fast warp_fast warp_ieee)
+names=(${AB_NAMES:-rows_fast warp_fast warp_ieee})
 flags=("" "-DHL_FOLD_WARP" "-DHL_FOLD_WARP -DHL_FOLD_IEEE")
-for i in 0 1 2; do
+[ -n "${AB_FLAGS:-}" ] && IFS=, read -ra flags <<< "$AB_FLAGS"
+for i in "${!names[@]}"; do
   TORCH_EXTENSIONS_DIR=/tmp/ext_${names[$i]} HL_CUDA_FLAGS="${flags[$i]}" \
     python -c "from hyperloop.quant import gemv; assert gemv.extension() is not None" > "$OUT/build_${names[$i]}.log" 2>&1 &
 done
 wait; echo "built at $(el)s"
-for i in 0 1 2; do
+for i in "${!names[@]}"; do
   v=${names[$i]}; export TORCH_EXTENSIONS_DIR=/tmp/ext_$v HL_CUDA_FLAGS="${flags[$i]}"
-  timeout 100 python -m pytest -q -x tests/test_gpu.py -k "folded or (decoding_with_the_site_kernel and mhc)" > "$OUT/pytest_$v.log" 2>&1
+  timeout ${AB_TEST_S:-100} python -m pytest -q -x tests/test_gpu.py -k "${AB_TESTS:-folded or (decoding_with_the_site_kernel and mhc)}" > "$OUT/pytest_$v.log" 2>&1
   echo "$v pytest rc $? $(grep -E 'passed|failed' "$OUT/pytest_$v.log" | tail -1) at $(el)s"
   timeout 60 python dev/fold_micro.py 2>&1 | grep "{" | sed "s/^/$v /" | tee "$OUT/micro_$v.txt"
   COMPILE=0 MODES=int4 OUT=/tmp timeout 90 python dev/mhc_time.py mhc-s 2>&1 | grep tok_s | sed "s/^/$v /" | tee "$OUT/time_$v.txt"
 done
 echo "at $(el)s"
-COMPILE=1 MODES=bf16 OUT=/tmp timeout $(( 400 - $(el) )) python dev/mhc_time.py mhc-s 2>&1 | grep tok_s | sed "s/^/bf16 compiled /"
+[ -n "${AB_SKIP_BF16:-}" ] || COMPILE=1 MODES=bf16 OUT=/tmp timeout $(( 400 - $(el) )) python dev/mhc_time.py mhc-s 2>&1 | grep tok_s | sed "s/^/bf16 compiled /"

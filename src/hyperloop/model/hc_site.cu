@@ -273,9 +273,48 @@ __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }
 // of the calling warp holds row r in registers, so a row's sum needs no shuffle and the n column sums
 // take log2(n) rounds of independent shuffles; divisions become one correctly rounded reciprocal a
 // sum. The same iterates as `sinkhorn` above (exp domain, rows scaled by their largest entry first).
+// DEV A/B (branch only): lane 0 of the calling warp iterates the whole matrix in its registers: no
+// shuffles, each half-iteration two levels of adds and one reciprocal a row (or column), all independent.
+__device__ __forceinline__ void sinkhorn_thread(const float* logits, int n, int iters, float* h_res) {
+  if (threadIdx.x % 32 != 0) return;
+  constexpr int kMax = 4;  // streams
+  float v[kMax][kMax];
+#pragma unroll
+  for (int r = 0; r < kMax; ++r) {
+    float largest = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kMax; ++c)
+      if (r < n && c < n) largest = fmaxf(largest, logits[r * n + c]);
+#pragma unroll
+    for (int c = 0; c < kMax; ++c) v[r][c] = r < n && c < n ? expf(logits[r * n + c] - largest) : 0.f;
+  }
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int r = 0; r < kMax; ++r) {
+      const float inv = r < n ? fold_rcp((v[r][0] + v[r][1]) + (v[r][2] + v[r][3])) : 0.f;
+#pragma unroll
+      for (int c = 0; c < kMax; ++c) v[r][c] *= inv;
+    }
+#pragma unroll
+    for (int c = 0; c < kMax; ++c) {
+      const float inv = c < n ? fold_rcp((v[0][c] + v[1][c]) + (v[2][c] + v[3][c])) : 0.f;
+#pragma unroll
+      for (int r = 0; r < kMax; ++r) v[r][c] *= inv;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kMax; ++r)
+#pragma unroll
+    for (int c = 0; c < kMax; ++c)
+      if (r < n && c < n) h_res[r * n + c] = v[r][c];
+}
+
 __device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int iters, float* h_res) {
 #ifdef HL_FOLD_WARP
   return sinkhorn<true>(logits, n, iters, h_res);
+#endif
+#ifdef HL_FOLD_THREAD
+  return sinkhorn_thread(logits, n, iters, h_res);
 #endif
   constexpr unsigned kAll = 0xffffffffu;
   constexpr int kMax = 4;  // streams
