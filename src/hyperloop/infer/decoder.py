@@ -48,6 +48,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def short_fallback_messages():
+    """Inductor before pytorch/pytorch#185951 (torch 2.11 among them) builds the message "Creating
+    implicit fallback for ..." of each custom op it first meets whether or not it is logged, printing
+    every argument's whole IR, which recurses into the IR of the argument's inputs: a DAG printed as a
+    tree, exponential in the depth at which the op first appears. An mHC step whose sites are folded
+    into the int4 GEMVs did not finish compiling. Inside this context the message names only the op."""
+    from torch._inductor.exc import OperatorIssue  # imported here: importing inductor is slow
+
+    full = OperatorIssue.__dict__["operator_str"]
+    OperatorIssue.operator_str = staticmethod(lambda target, args, kwargs: f"  target: {target}")
+    try:
+        yield
+    finally:
+        OperatorIssue.operator_str = full
+
+
 def resolve_loops(cfg: ModelConfig, num_loops: int | None) -> int:
     """The loop count to run: the trained one by default. Past the trained count the last loop's
     hyper-connection (with its loop embedding e_l) and LoRA adapter are reused (see model/lm.py)."""
@@ -124,7 +141,7 @@ class Decoder:
             compiled = torch.compile(self._run, fullgraph=True, dynamic=False)
 
             def decode(tokens: torch.Tensor) -> torch.Tensor:
-                with torch._dynamo.config.patch(recompile_limit=COMPILED_VERSIONS):
+                with torch._dynamo.config.patch(recompile_limit=COMPILED_VERSIONS), short_fallback_messages():
                     return compiled(tokens)
 
             self._decode = decode
