@@ -275,38 +275,42 @@ __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }
 // sum. The same iterates as `sinkhorn` above (exp domain, rows scaled by their largest entry first).
 // DEV A/B (branch only): lane 0 of the calling warp iterates the whole matrix in its registers: no
 // shuffles, each half-iteration two levels of adds and one reciprocal a row (or column), all independent.
-__device__ __forceinline__ void sinkhorn_thread(const float* logits, int n, int iters, float* h_res) {
-  if (threadIdx.x % 32 != 0) return;
-  constexpr int kMax = 4;  // streams
-  float v[kMax][kMax];
+template <int N>
+__device__ __forceinline__ void sinkhorn_thread(const float* logits, int iters, float* h_res) {
+  float v[N][N];
 #pragma unroll
-  for (int r = 0; r < kMax; ++r) {
-    float largest = -INFINITY;
+  for (int r = 0; r < N; ++r) {
+    float largest = logits[r * N];
 #pragma unroll
-    for (int c = 0; c < kMax; ++c)
-      if (r < n && c < n) largest = fmaxf(largest, logits[r * n + c]);
+    for (int c = 1; c < N; ++c) largest = fmaxf(largest, logits[r * N + c]);
 #pragma unroll
-    for (int c = 0; c < kMax; ++c) v[r][c] = r < n && c < n ? expf(logits[r * n + c] - largest) : 0.f;
+    for (int c = 0; c < N; ++c) v[r][c] = expf(logits[r * N + c] - largest);
   }
+#pragma unroll 2
   for (int it = 0; it < iters; ++it) {
 #pragma unroll
-    for (int r = 0; r < kMax; ++r) {
-      const float inv = r < n ? fold_rcp((v[r][0] + v[r][1]) + (v[r][2] + v[r][3])) : 0.f;
+    for (int r = 0; r < N; ++r) {
+      float sum = v[r][0];
 #pragma unroll
-      for (int c = 0; c < kMax; ++c) v[r][c] *= inv;
+      for (int c = 1; c < N; ++c) sum += v[r][c];
+      const float inv = fold_rcp(sum);
+#pragma unroll
+      for (int c = 0; c < N; ++c) v[r][c] *= inv;
     }
 #pragma unroll
-    for (int c = 0; c < kMax; ++c) {
-      const float inv = c < n ? fold_rcp((v[0][c] + v[1][c]) + (v[2][c] + v[3][c])) : 0.f;
+    for (int c = 0; c < N; ++c) {
+      float sum = v[0][c];
 #pragma unroll
-      for (int r = 0; r < kMax; ++r) v[r][c] *= inv;
+      for (int r = 1; r < N; ++r) sum += v[r][c];
+      const float inv = fold_rcp(sum);
+#pragma unroll
+      for (int r = 0; r < N; ++r) v[r][c] *= inv;
     }
   }
 #pragma unroll
-  for (int r = 0; r < kMax; ++r)
+  for (int r = 0; r < N; ++r)
 #pragma unroll
-    for (int c = 0; c < kMax; ++c)
-      if (r < n && c < n) h_res[r * n + c] = v[r][c];
+    for (int c = 0; c < N; ++c) h_res[r * N + c] = v[r][c];
 }
 
 __device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int iters, float* h_res) {
@@ -314,7 +318,10 @@ __device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int it
   return sinkhorn<true>(logits, n, iters, h_res);
 #endif
 #ifdef HL_FOLD_THREAD
-  return sinkhorn_thread(logits, n, iters, h_res);
+  if (threadIdx.x % 32 != 0) return;
+  if (n == 4) return sinkhorn_thread<4>(logits, iters, h_res);
+  if (n == 2) return sinkhorn_thread<2>(logits, iters, h_res);
+  return sinkhorn_thread<1>(logits, iters, h_res);
 #endif
   constexpr unsigned kAll = 0xffffffffu;
   constexpr int kMax = 4;  // streams
