@@ -55,14 +55,18 @@ def short_fallback_messages():
     every argument's whole IR, which recurses into the IR of the argument's inputs: a DAG printed as a
     tree, exponential in the depth at which the op first appears. An mHC step whose sites are folded
     into the int4 GEMVs did not finish compiling. Inside this context the message names only the op."""
-    from torch._inductor.exc import OperatorIssue  # imported here: importing inductor is slow
+    from torch._inductor import exc  # imported here: importing inductor is slow
 
-    full = OperatorIssue.__dict__["operator_str"]
-    OperatorIssue.operator_str = staticmethod(lambda target, args, kwargs: f"  target: {target}")
+    issue = getattr(exc, "OperatorIssue", None)
+    full = vars(issue).get("operator_str") if issue is not None else None
+    if full is None:  # an inductor without it: nothing to shorten
+        yield
+        return
+    issue.operator_str = staticmethod(lambda target, args, kwargs: f"  target: {target}")
     try:
         yield
     finally:
-        OperatorIssue.operator_str = full
+        issue.operator_str = full
 
 
 def resolve_loops(cfg: ModelConfig, num_loops: int | None) -> int:
