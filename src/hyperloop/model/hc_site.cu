@@ -51,48 +51,31 @@ struct SiteParams {
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
 
-// H_res = sinkhorn(logits) (n x n, row-major, n a power of two up to 4), as hyper.py's: alternate row
-// and column normalisation, ending on columns. Run by one warp, lane r * n + c holding entry (r, c); a
-// row's lanes differ in the low bits, a column's in the high ones, so each sum is a few shuffles. In
-// the exp domain rather than hyper.py's log domain (the same iterates, without a log and an exp per
-// step): each row is first scaled by its largest entry, so no row can sum to 0 or overflow. (Each
-// thread iterating the whole matrix in its registers made an mhc-s bf16 step 15% slower.)
-// DEV A/B (branch only): the folds' Sinkhorn with rcp.approx instead of IEEE divisions, unless HL_FOLD_IEEE.
-__device__ __forceinline__ float fold_rcp(float x) {
-#ifdef HL_FOLD_IEEE
-  return __frcp_rn(x);
-#else
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#endif
-}
-
-template <bool kFold = false>
-__device__ __forceinline__ void sinkhorn(const float* logits, int n, int iters, float* h_res) {
+// H_res = sinkhorn(logits) (N x N, row-major), as hyper.py's: alternate row and column normalisation,
+// ending on columns. Run by one warp, lane r * N + c holding entry (r, c); a row's lanes differ in the
+// low bits, a column's in the high ones, so each sum is a few shuffles. In the exp domain rather than
+// hyper.py's log domain (the same iterates, without a log and an exp per step): each row is first
+// scaled by its largest entry, so no row can sum to 0 or overflow.
+template <int N>
+__device__ void sinkhorn(const float* logits, int iters, float* h_res) {
   constexpr unsigned kAll = 0xffffffffu;
   const int lane = threadIdx.x % 32;
-  const float logit = lane < n * n ? logits[lane] : 0.f;  // the other lanes pair among themselves
+  const float logit = lane < N * N ? logits[lane] : 0.f;  // the other lanes pair among themselves
   float largest = logit;
-  for (int o = 1; o < n; o *= 2) largest = fmaxf(largest, __shfl_xor_sync(kAll, largest, o));
+#pragma unroll
+  for (int o = 1; o < N; o *= 2) largest = fmaxf(largest, __shfl_xor_sync(kAll, largest, o));
   float v = expf(logit - largest);
   for (int it = 0; it < iters; ++it) {
     float sum = v;
-    for (int o = 1; o < n; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the row
-#ifdef HL_FOLD_IEEE
+#pragma unroll
+    for (int o = 1; o < N; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the row
     v /= sum;
-#else
-    v = kFold ? v * fold_rcp(sum) : v / sum;
-#endif
     sum = v;
-    for (int o = n; o < n * n; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the column
-#ifdef HL_FOLD_IEEE
+#pragma unroll
+    for (int o = N; o < N * N; o *= 2) sum += __shfl_xor_sync(kAll, sum, o);  // the column
     v /= sum;
-#else
-    v = kFold ? v * fold_rcp(sum) : v / sum;
-#endif
   }
-  if (lane < n * n) h_res[lane] = v;
+  if (lane < N * N) h_res[lane] = v;
 }
 
 template <int N, bool kSinkhorn>
@@ -127,7 +110,7 @@ __global__ void __launch_bounds__(kSiteMaxThreads) hc_site_kernel(const SitePara
       y_raw[k] = *reinterpret_cast<const uint4*>(y_row + (kSinkhorn ? k : j) * p.y_stream + col);
     post = p.h_post[row * N + j];
     if constexpr (kSinkhorn) {
-      if (warp == 0) sinkhorn(p.h_res + row * R, N, p.sinkhorn_iters, h_res);
+      if (warp == 0) sinkhorn<N>(p.h_res + row * R, p.sinkhorn_iters, h_res);
     } else {
       keep = p.h_res[row * N + j];
     }
@@ -269,14 +252,21 @@ void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream,
 
 __host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }  // W's rows, then |y'|^2
 
-// H_res = sinkhorn(logits) for the folds, where the iterations' latency is what counts: lane r < n
-// of the calling warp holds row r in registers, so a row's sum needs no shuffle and the n column sums
-// take log2(n) rounds of independent shuffles; divisions become one correctly rounded reciprocal a
-// sum. The same iterates as `sinkhorn` above (exp domain, rows scaled by their largest entry first).
-// DEV A/B (branch only): lane 0 of the calling warp iterates the whole matrix in its registers: no
-// shuffles, each half-iteration two levels of adds and one reciprocal a row (or column), all independent.
+// 1/x from the special function unit (rcp.approx.ftz, within 1 ulp): the folds' Sinkhorn takes 2n an
+// iteration, and with correctly rounded ones a write running the 20 iterations took 5.7 us longer
+// (results/int4.json: mhc_fold_sinkhorn_ab_2026_11_26).
+__device__ __forceinline__ float approx_rcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// H_res = sinkhorn(logits) for the folds, where the iterations' latency is what counts, not the
+// threads': one thread holds the N x N matrix in registers, so no sum needs a shuffle, and each half
+// iteration is N independent sums, reciprocals and scalings. The same iterates as `sinkhorn` above
+// (exp domain, rows scaled by their largest entry first).
 template <int N>
-__device__ __forceinline__ void sinkhorn_thread(const float* logits, int iters, float* h_res) {
+__device__ __forceinline__ void fold_sinkhorn(const float* logits, int iters, float* h_res) {
   float v[N][N];
 #pragma unroll
   for (int r = 0; r < N; ++r) {
@@ -293,7 +283,7 @@ __device__ __forceinline__ void sinkhorn_thread(const float* logits, int iters, 
       float sum = v[r][0];
 #pragma unroll
       for (int c = 1; c < N; ++c) sum += v[r][c];
-      const float inv = fold_rcp(sum);
+      const float inv = approx_rcp(sum);
 #pragma unroll
       for (int c = 0; c < N; ++c) v[r][c] *= inv;
     }
@@ -302,7 +292,7 @@ __device__ __forceinline__ void sinkhorn_thread(const float* logits, int iters, 
       float sum = v[0][c];
 #pragma unroll
       for (int r = 1; r < N; ++r) sum += v[r][c];
-      const float inv = fold_rcp(sum);
+      const float inv = approx_rcp(sum);
 #pragma unroll
       for (int r = 0; r < N; ++r) v[r][c] *= inv;
     }
@@ -313,46 +303,11 @@ __device__ __forceinline__ void sinkhorn_thread(const float* logits, int iters, 
     for (int c = 0; c < N; ++c) h_res[r * N + c] = v[r][c];
 }
 
-__device__ __forceinline__ void sinkhorn_rows(const float* logits, int n, int iters, float* h_res) {
-#ifdef HL_FOLD_WARP
-  return sinkhorn<true>(logits, n, iters, h_res);
-#endif
-#ifdef HL_FOLD_THREAD
-  if (threadIdx.x % 32 != 0) return;
-  if (n == 4) return sinkhorn_thread<4>(logits, iters, h_res);
-  if (n == 2) return sinkhorn_thread<2>(logits, iters, h_res);
-  return sinkhorn_thread<1>(logits, iters, h_res);
-#endif
-  constexpr unsigned kAll = 0xffffffffu;
-  constexpr int kMax = 4;  // streams
-  const int lane = threadIdx.x % 32;
-  const bool mine = lane < n;  // the other lanes hold zeros and pair among themselves
-  float v[kMax], largest = -INFINITY;
-#pragma unroll
-  for (int c = 0; c < kMax; ++c) {
-    v[c] = mine && c < n ? logits[lane * n + c] : 0.f;
-    if (c < n) largest = fmaxf(largest, v[c]);
-  }
-#pragma unroll
-  for (int c = 0; c < kMax; ++c) v[c] = mine && c < n ? expf(v[c] - largest) : 0.f;
-  for (int it = 0; it < iters; ++it) {
-    float row = 0.f;
-#pragma unroll
-    for (int c = 0; c < kMax; ++c) row += v[c];
-    const float inv_row = mine ? fold_rcp(row) : 0.f;
-    float column[kMax];
-#pragma unroll
-    for (int c = 0; c < kMax; ++c) column[c] = v[c] *= inv_row;
-    for (int o = 1; o < n; o *= 2)
-#pragma unroll
-      for (int c = 0; c < kMax; ++c) column[c] += __shfl_xor_sync(kAll, column[c], o);
-#pragma unroll
-    for (int c = 0; c < kMax; ++c) v[c] *= mine && c < n ? fold_rcp(column[c]) : 0.f;
-  }
-  if (mine)
-#pragma unroll
-    for (int c = 0; c < kMax; ++c)
-      if (c < n) h_res[lane * n + c] = v[c];
+// fold_sinkhorn for n streams (1, 2 or 4), run by the calling thread.
+__device__ __forceinline__ void fold_sinkhorn(const float* logits, int n, int iters, float* h_res) {
+  if (n == 4) return fold_sinkhorn<4>(logits, iters, h_res);
+  if (n == 2) return fold_sinkhorn<2>(logits, iters, h_res);
+  return fold_sinkhorn<1>(logits, iters, h_res);
 }
 
 // READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
@@ -396,7 +351,7 @@ __device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold
     if (site_block) s.logits[t] = a_res * (totals[2 * n + t] * inv_rms) + __bfloat162float(s.bias[2 * n + t]);
   }
   __syncthreads();
-  if (site_block && t < 32) sinkhorn_rows(s.logits, n, s.iters, s.logits + n * n);  // its own stores
+  if (site_block && t == 0) fold_sinkhorn(s.logits, n, s.iters, s.logits + n * n);  // its own stores
   return site_block;
 }
 
@@ -429,7 +384,7 @@ __device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fol
     y[e] = __bfloat162float(s.streams[e / cols * s.stream_stride + col0 + e % cols]);
 }
 
-// WRITE, after the block stored its outputs (kStore): H_res (the read's site block left it, or warp 0
+// WRITE, after the block stored its outputs (kStore): H_res (the read's site block left it, or thread 0
 // runs the iterations on the logits of a read that was not folded), y' at its columns, one thread
 // each, and the block's sums, kFoldSumLanes lanes a sum over y' in shared memory.
 __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols) {
@@ -440,7 +395,7 @@ __device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int
   float* h = fold + rows * n * cols + n * cols;  // (n, n)
   float* mixed = h + n * n;                      // y' (n, cols)
   if (s.iters > 0) {
-    if (t < 32) sinkhorn_rows(s.write_res, n, s.iters, h);
+    if (t == 0) fold_sinkhorn(s.write_res, n, s.iters, h);
   } else if (t < n * n) {
     h[t] = s.write_res[t];
   }

@@ -59,7 +59,7 @@ def extension():
         sources = [(package / name).read_text() for name in ("quant/gemv.cu", "model/hc_site.cu")]
         return cpp_extension.load_inline("hyperloop_decode_kernels", declarations, cuda_sources=sources,
                                          functions=["int4_gemv", "int4_gemv_rope_cache", "decode_attention",
-                                                    "hc_site_decode"], extra_cuda_cflags=["-O3", *os.environ.get("HL_CUDA_FLAGS", "").split()])  # fmt: skip
+                                                    "hc_site_decode"], extra_cuda_cflags=["-O3"])  # fmt: skip
     except Exception as error:  # a broken toolkit must not stop decoding: tinygemm still works
         warnings.warn(f"the CUDA decode kernels did not build, using tinygemm instead: {error}", stacklevel=2)
         return None
