@@ -359,13 +359,69 @@ def test_decode_site_kernel_matches_hyper_py(h_res, n, dim, rows):
         assert _rel(merged, second._write(y_new, out[1], want2).float().mean(-2)) < 1e-2
 
 
+@pytest.mark.parametrize("n, dim, out_features", [(4, 1024, 1024), (4, 256, 768), (2, 512, 512), (1, 256, 256)])
+def test_mhc_site_folded_into_the_gemvs_matches_hyper_py(n, dim, out_features):
+    """An mHC site folded into the int4 GEMVs around it (hc_site.cu: SiteFold): the GEMV closing a
+    branch writes y' = H_res y + h_post out (H_res from the read's logits, y a broadcast as after the
+    embedding) and leaves its blocks' sums of the next site's W y' and |y'|^2; the GEMV opening the
+    next branch turns them into that site's gates and reads x = sum_j h_pre_j y'_j through its RMSNorm.
+    Against hyper.py's write and read around the same GEMVs (small and split grids)."""
+    from hyperloop.model import decode_site
+    from hyperloop.model.hyper import RMS_EPS
+    from hyperloop.quant import gemv
+    from hyperloop.quant.grid import rtn
+    from hyperloop.quant.linear import QuantLinear
+
+    sites = [HyperConnection(dim, n, "sinkhorn") for _ in range(2)]
+    with torch.no_grad():
+        for hc in sites:
+            hc.alpha.fill_(0.5)
+    first, second = [hc.to("cuda", torch.bfloat16) for hc in sites]
+    if not (decode_site.qualifies(first) and gemv.available(dim)):
+        pytest.skip("the site kernel needs sm_90 and the CUDA decode kernels built")
+
+    def operands(in_features: int, out: int) -> tuple:
+        linear = QuantLinear.from_quantized(rtn(torch.randn(out, in_features) * 0.05, bits=4, group_size=128))
+        words, grid, split, _ = linear.cuda().kernel_operands("gemv:test", torch.device("cuda"))
+        return words, grid, 128, split
+
+    closing, opening = operands(out_features, dim), operands(dim, out_features)
+    norm_weight = (1 + 0.2 * torch.randn(dim, device="cuda")).to(torch.bfloat16)
+    y = expand_streams(torch.randn(1, 1, dim, device="cuda", dtype=torch.bfloat16), n)
+    h = torch.randn(out_features, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, gates = decode_site.read(first, y)
+        write_site = [y.flatten(0, -3)[0], gates.h_post.reshape(-1), gates.h_res.reshape(-1), second.weight]
+        out, y_new, sums = gemv.int4_gemv_sites(h, *closing, None, 0.0, False, [], write_site, RMS_EPS,
+                                                first.sinkhorn_iters)  # fmt: skip
+        assert torch.equal(out, gemv.int4_gemv(h, *closing))
+        want_y = first._write(y, out.view(1, 1, dim), first.coefficients(y))
+        assert _rel(y_new.view(want_y.shape), want_y) < 1e-2
+        assert sums.shape == (2 * n + n * n + 1, gemv.grid_blocks(dim, closing[3], y.device))
+
+        z, h_post, res = gemv.int4_gemv_sites(y_new, *opening, norm_weight, 1e-5, False, [sums, second.bias,
+                                              second.alpha], [], RMS_EPS, second.sinkhorn_iters)  # fmt: skip
+        want_x, want_gates = second._read(y_new.view(1, 1, n, dim), torch.bfloat16)
+        _, want_post, want_res = want_gates
+        logits, h_res = res.view(2, n, n)  # the logits, and H_res from the GEMV's site block
+        assert _rel(h_post, want_post.flatten()) < 1e-4
+        assert _rel(sinkhorn(logits, second.sinkhorn_iters), want_res.view(n, n)) < 1e-4
+        assert _rel(h_res, want_res.view(n, n)) < 1e-4
+        assert _rel(z, gemv.int4_gemv(want_x.flatten(), *opening, norm_weight=norm_weight, eps=1e-5)) < 1e-2
+
+        # the write that closes this branch takes that H_res as it is (no iterations of its own)
+        write_site = [y_new, h_post, h_res.flatten(), second.weight]
+        _, y_last, _ = gemv.int4_gemv_sites(h, *closing, None, 0.0, False, [], write_site, RMS_EPS, 0)
+        want_last = second._write(y_new.view(1, 1, n, dim), out.view(1, 1, dim), want_gates)
+        assert _rel(y_last.view(want_last.shape), want_last) < 1e-2
+
+
 @pytest.mark.parametrize("arch", ["hyperloop", "mhc"])
 @pytest.mark.parametrize("batch, int4", [(3, False), (1, True)])
 def test_decoding_with_the_site_kernel_matches_hyper_py(arch, batch, int4):
     """A Hyperloop or mHC decode (prefill, then steps; graphed, and compiled with the fused int4 layers
-    at batch 1, where the Decoder turns the kernel on) gives the same logits with each site boundary
-    in hc_site.cu's kernel as hyper.py's sites in an uncompiled step (compiling mhc-xs's 32 Sinkhorn
-    sites takes minutes)."""
+    at batch 1, where the Decoder turns the kernel on and mHC's sites fold into the GEMVs) gives the
+    same logits as hyper.py's sites in an uncompiled step (compiling 32 Sinkhorn sites takes minutes)."""
     from hyperloop.infer.bench import build_model
     from hyperloop.infer.decoder import Decoder
     from hyperloop.model import decode_site
@@ -383,8 +439,12 @@ def test_decoding_with_the_site_kernel_matches_hyper_py(arch, batch, int4):
     for kernel in (False, True):
         decoder = Decoder(model, batch, 40, compile=int4 and kernel)
         assert all(hc.decode_kernel for hc in model.hc)
+        fused = decoder.cache.fused_block
+        assert fused is None or fused.fold_sites == (arch == "mhc")  # mHC's sites fold into the int4 GEMVs
         for hc in model.hc:
             hc.decode_kernel = kernel
+        if fused is not None:
+            fused.fold_sites = fused.fold_sites and kernel
         outputs.append(torch.stack([decoder.prefill(prompts).float()] + [decoder.step(t)[0].float() for t in fed]))
     assert _rel(outputs[1], outputs[0]) < 2e-2
 

@@ -403,9 +403,10 @@ def test_gemv_prologue_and_epilogues_match_the_plain_operations():
     k_cache, v_cache = (torch.zeros(1, heads, 16, head_dim, device=cuda, dtype=torch.bfloat16) for _ in range(2))
     table = torch.rand(16, head_dim // 2, device=cuda, dtype=torch.float64) * 6  # angles by position
     angles = table[position]
-    q = gemv.int4_gemv_rope_cache(x, *operands, norm_weight, eps, table.cos().float(), table.sin().float(),
-                                  torch.tensor([[position]], device=cuda), k_cache, v_cache,
-                                  torch.tensor(column, device=cuda))  # fmt: skip
+    q, *site = gemv.int4_gemv_rope_cache(x, *operands, norm_weight, eps, table.cos().float(), table.sin().float(),
+                                         torch.tensor([[position]], device=cuda), k_cache, v_cache,
+                                         torch.tensor(column, device=cuda), [], 0.0, 0)  # fmt: skip
+    assert all(t.numel() == 0 for t in site)  # no site folded in
     q_exact, k_exact, v_exact = (weight @ normed).view(3, heads, head_dim)
     for fast, exact in ((q.view(heads, head_dim), q_exact), (k_cache[0, :, column], k_exact)):
         first, second = exact.chunk(2, dim=-1)  # rotate-half RoPE

@@ -9,7 +9,8 @@ a few hundred small kernels, and launching them one by one from Python costs mor
 `compile=True` first runs the step through torch.compile (fused kernels) and captures that. An int4
 model decoding one row runs each layer in five kernels of its own (int4_block.py; `fuse_int4=False`
 keeps the layer op by op, for comparisons), and each site boundary of a Hyperloop or mHC model in one
-(model/decode_site.py; also in an uncompiled step, and mHC's in any). With
+(model/decode_site.py; also in an uncompiled step, and mHC's in any), or, for mHC's between two
+fused int4 sub-layers, in none: folded into the GEMVs around it. With
 early exit, whose control flow depends on the logits, the (uncompiled) step is captured as one graph
 per loop, and the host reads whether every row has exited between their replays. On CPU the step
 runs eagerly.
@@ -132,6 +133,8 @@ class Decoder:
             self.cache.fused_block = FusedInt4Blocks.for_model(model)
         if on_cuda:  # one kernel a site boundary, where it is faster (model/decode_site.py)
             decode_site.enable(model, compiled_layers=compile and self.cache.fused_block is None)
+            if self.cache.fused_block is not None:  # mHC's sites: no kernel at all
+                self.cache.fused_block.fold_sites = decode_site.folds(model)
         self.cuda_graph = on_cuda and cuda_graph is not False
         self._decode = self._run
         if compile:

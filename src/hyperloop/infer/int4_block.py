@@ -19,7 +19,9 @@ that GEMV finishes; and the wqkv kernel reads RoPE's cos/sin from the model's ta
 position (a compiled step gathering them for each layer's call made a copy per call).
 
 An mHC model calls its layers one sub-layer at a time (its sites wrap the bare outputs): then the
-attention half runs the first three kernels and the MLP half the last two, without the residual adds.
+attention half runs the first three kernels and the MLP half the last two, without the residual adds;
+and with `fold_sites` (set by the Decoder: model/decode_site.py, folds) each half's first GEMV
+finishes its site's read and its last GEMV is left to the site's write, which folds itself in.
 
 The Decoder installs a FusedInt4Blocks as its cache's `fused_block` when every layer qualifies
 (int4 GEMV operands on CUDA, no act-order, no LoRA, bf16 activations, head_dim 64 or 128);
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from hyperloop.model import HyperloopLM
+from hyperloop.model import HyperloopLM, decode_site
+from hyperloop.model.hyper import RMS_EPS
 from hyperloop.model.layers import Block
 from hyperloop.quant import gemv
 from hyperloop.quant.linear import QuantLinear
@@ -57,6 +60,7 @@ class FusedInt4Blocks:
             wo.kernel_operands("gemv", device)
             w_down.kernel_operands("gemv", device)
         self.linears = [linear for block in model.layers for linear in _linears(block)]
+        self.fold_sites = False  # the Decoder's to set (see the module docstring)
         # the kernel reads fp32 tables (load_model keeps them so; a model cast whole to bf16 would not)
         self.cos, self.sin = model.rope.cos.float(), model.rope.sin.float()
 
@@ -77,29 +81,47 @@ class FusedInt4Blocks:
         )
         return cls(model) if qualifies else None
 
-    def __call__(self, block: Block, x: torch.Tensor, cache, slot: int, branch: str | None = None):
+    def __call__(self, block: Block, x, cache, slot: int, branch: str | None = None):
         """Block.forward(x, branch=branch) for x (1, 1, dim) bf16 through `cache` (a KVCache) at its
         `positions`, or None for any other x (a prefill, another dtype): the caller then runs the block
-        op by op. With `branch` ("attn" or "mlp"), that sub-layer's bare output F(x)."""
-        if x.shape[:2] != (1, 1) or x.dtype != torch.bfloat16:
+        op by op. With `branch` ("attn" or "mlp"), that sub-layer's bare output F(x), or with
+        `fold_sites` a decode_site.Pending; x may then be a decode_site.FoldedRead."""
+        read = x if isinstance(x, decode_site.FoldedRead) else None
+        if read is None and (x.shape[:2] != (1, 1) or x.dtype != torch.bfloat16):
             return None
         wqkv, wo, w_gate_up, w_down = _linears(block)
         attn_norm, mlp_norm, heads = block.attn_norm, block.mlp_norm, block.attn.n_heads
 
         def operands(linear: QuantLinear, name: str = "gemv") -> tuple:
-            words, grid, split, _ = linear.kernel_operands(name, x.device)
+            words, grid, split, _ = linear.kernel_operands(name, self.cos.device)
             return words, grid, linear.group_size, split
 
-        h = x.reshape(-1)
-        residual = None if branch else h  # a bare sub-layer output for a site to wrap
+        def last(linear: QuantLinear, h: torch.Tensor, residual: torch.Tensor | None, gates):
+            if branch and self.fold_sites:  # the site's write runs it (decode_site.write)
+                if not read:
+                    return decode_site.Pending(h, *operands(linear), None, None)
+                h_post, res = gates  # res: H_res's logits, then H_res (the site block's iterations)
+                logits, h_res = res.chunk(2)
+                return decode_site.Pending(h, *operands(linear), decode_site.Gates(h_post, logits), h_res)
+            return gemv.int4_gemv(h, *operands(linear), residual=residual).view(1, 1, -1)
+
+        h = read.streams if read else x.reshape(-1)
+        site = read.site() if read else []  # a read the first GEMV finishes: its gates come out with the output
+        iters = read.iters if read else 0
+        gates = None
         if branch != "mlp":
             k_cache, v_cache = cache.k[slot], cache.v[slot]
-            q = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, self.cos,
-                                          self.sin, cache.positions, k_cache, v_cache, cache.column)  # fmt: skip
+            q, *gates = gemv.int4_gemv_rope_cache(h, *operands(wqkv, ROPE), attn_norm.weight, attn_norm.eps, self.cos,
+                                                  self.sin, cache.positions, k_cache, v_cache, cache.column, site,
+                                                  RMS_EPS, iters)  # fmt: skip
             out = gemv.decode_attention(q.view(1, heads, -1), k_cache, v_cache, cache.pad, cache.column)
-            h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=residual)
             if branch == "attn":
-                return h.view(1, 1, -1)
-        gated = gemv.int4_gemv(h, *operands(w_gate_up, SWIGLU), norm_weight=mlp_norm.weight, eps=mlp_norm.eps,
-                               swiglu=True)  # fmt: skip
-        return gemv.int4_gemv(gated, *operands(w_down), residual=None if branch else h).view(1, 1, -1)
+                return last(wo, out.reshape(-1), None, gates)
+            h = gemv.int4_gemv(out.reshape(-1), *operands(wo), residual=h)
+        if read:
+            gated, *gates = gemv.int4_gemv_sites(h, *operands(w_gate_up, SWIGLU), mlp_norm.weight, mlp_norm.eps, True,
+                                                 site, [], RMS_EPS, iters)  # fmt: skip
+        else:  # (not int4_gemv_sites: its two empty outputs would only cost allocations)
+            gated = gemv.int4_gemv(h, *operands(w_gate_up, SWIGLU), norm_weight=mlp_norm.weight, eps=mlp_norm.eps,
+                                   swiglu=True)  # fmt: skip
+        return last(w_down, gated, None if branch else h, gates)

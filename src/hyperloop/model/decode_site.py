@@ -23,6 +23,13 @@ n in 1, 2, 4, 8 (1, 2, 4 for Sinkhorn), and the CUDA decode kernels built (quant
 HyperConnection.read and write then dispatch here for bf16 streams of at most hyper.FEW_ROWS rows
 without autograd. With the Sinkhorn kernel a compiled mhc-s bf16 step makes 1,079 tok/s, and int4
 (the fused layers one sub-layer at a time) 1,804, 1.67x (results/int4.md).
+
+Next to the fused int4 layers of an mHC model (infer/int4_block.py, one row) the sites between two
+sub-layers go further: they fold into the GEMVs around them (hc_site.cu: SiteFold), and cost no
+kernel. The branch returns its output `Pending`, its last GEMV not yet run; the site's write runs
+that GEMV with the write folded in, which also leaves the next site's sums, and hands the next read a
+`FoldedRead`, which the branch's first GEMV finishes. Only the first read and the last write (the
+merge) stay kernels of their own.
 """
 
 from __future__ import annotations
@@ -55,6 +62,38 @@ class Read(NamedTuple):
     gates: Gates
 
 
+class FoldedRead(NamedTuple):
+    """A site's read left to the branch's first int4 GEMV (gemv.int4_gemv_sites): the streams y' (n, C)
+    and the sums of W y' and |y'|^2 the blocks of the GEMV that wrote them left, with the site's bias,
+    alpha and Sinkhorn iterations (that GEMV's site block runs them). HyperConnection.read hands it to
+    the branch as its input."""
+
+    streams: torch.Tensor
+    sums: torch.Tensor
+    bias: torch.Tensor
+    alpha: torch.Tensor
+    iters: int
+
+    def site(self) -> list[torch.Tensor]:
+        """gemv.int4_gemv_sites' read_site."""
+        return [self.sums, self.bias, self.alpha]
+
+
+class Pending(NamedTuple):
+    """A branch's output whose last int4 GEMV (of `x`, with gemv's operands) has not run: the site's
+    write runs it, folding itself in where it can. `gates` and `h_res` (H_res after its iterations):
+    the site's, when the branch's first GEMV finished a FoldedRead (else the read's coefficients have
+    the gates, with H_res's logits)."""
+
+    x: torch.Tensor
+    words: torch.Tensor
+    grid: torch.Tensor
+    group_size: int
+    split: int
+    gates: Gates | None
+    h_res: torch.Tensor | None
+
+
 def fits(n: int, dim: int) -> bool:
     """Whether hc_site.cu's launch takes n streams of width dim: whole warps of 8 columns a thread, a
     row on at most 256 threads (n x dim <= 2048), or on a cluster of 8 such blocks (a multiple of 2048)."""
@@ -82,6 +121,12 @@ def enable(model: torch.nn.Module, compiled_layers: bool = False) -> None:
     diagonal site on torch.compile's kernels, which fuse it with the layers around it (see above)."""
     for hc in model.hc:
         hc.decode_kernel = qualifies(hc) and not (compiled_layers and hc.h_res == "diagonal")
+
+
+def folds(model: torch.nn.Module) -> bool:
+    """Whether an mHC model's sites may fold into the fused int4 layers' GEMVs (see above): each takes
+    the kernel, with a Sinkhorn H_res (of at most 4 streams: qualifies)."""
+    return model.cfg.hc_placement == "sublayer" and all(hc.decode_kernel and hc.h_res == "sinkhorn" for hc in model.hc)
 
 
 def iterations(hc: HyperConnection) -> int:
@@ -126,15 +171,28 @@ def write(hc: HyperConnection, y: torch.Tensor, out: torch.Tensor, gates: Gates,
           next_site: HyperConnection | None):  # fmt: skip
     """HyperConnection.write for gates from the kernel: with a next site that takes the kernel too
     (and the same kind of H_res: one kernel instance does both), its read in the same kernel,
-    returned as (y', Read) for next_site.read(y', ahead)."""
+    returned as (y', Read) for next_site.read(y', ahead). For a Pending output, the write folded
+    into its last GEMV where a next site takes it, returned as (y', FoldedRead)."""
+    if isinstance(out, Pending):
+        gates = out.gates if out.gates is not None else gates
+        if next_site is not None and next_site.decode_kernel:
+            # H_res from the folded read's site block, else its logits and the write runs the iterations
+            h_res, iters = (out.h_res, 0) if out.h_res is not None else (gates.h_res.reshape(-1), iterations(hc))
+            write_site = [y.flatten(0, -3)[0], gates.h_post.reshape(-1), h_res, next_site.weight]
+            _, y_new, sums = gemv.int4_gemv_sites(out.x, out.words, out.grid, out.group_size, out.split, None, 0.0,
+                                                  False, [], write_site, RMS_EPS, iters)  # fmt: skip
+            return y_new.view(y.shape), FoldedRead(y_new, sums, next_site.bias, next_site.alpha,
+                                                   iterations(next_site))
+        out = gemv.int4_gemv(out.x, out.words, out.grid, out.group_size, out.split)
     streams, written = y.flatten(0, -3), out.reshape(-1, hc.dim).contiguous()
     reads_next = next_site is not None and next_site.decode_kernel and next_site.h_res == hc.h_res
     weight, bias, alpha = (next_site.weight, next_site.bias, next_site.alpha) if reads_next else (None, None, None)
     y_new, x, h_post, h_res = site(streams, written, gates.h_post, gates.h_res, hc.embedding, weight, bias, alpha,
                                    RMS_EPS, merge is not None, iterations(hc))  # fmt: skip
+    shape = (*y.shape[:-2], hc.dim)
     if merge is not None:
-        return x.view(out.shape).to(merge)
+        return x.view(shape).to(merge)
     y_new = y_new.view(y.shape)
     if reads_next:
-        return y_new, Read(x.view(out.shape), Gates(h_post, h_res))
+        return y_new, Read(x.view(shape), Gates(h_post, h_res))
     return write_result(y_new, None, next_site)

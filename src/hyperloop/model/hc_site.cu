@@ -237,6 +237,242 @@ void launch_site(const SiteParams& p, int rows, int blocks, cudaStream_t stream,
   launch_with(config, hc_site_kernel<N, kSinkhorn>, p, blocks, programmatic);  // a row's blocks: a cluster
 }
 
+// ---- mHC's sites folded into the GEMVs around a sub-layer (quant/gemv.cu: SiteFold) ----
+// An mHC model wraps each attention and MLP sub-layer in a site (32 in an S model): at one kernel a
+// site, an int4 decode step spent as long on them as on its layers. Folded, a site costs no kernel:
+//   - the GEMV that closes a branch (wo, w_down) does the site's write on its own output columns,
+//     y'_i = sum_j H_res[i, j] y_j + h_post_i out, stores y', and sums its columns' share of the next
+//     site's W y' and of |y'|^2, one set of sums a block (W and the old streams are loaded before it
+//     waits for the kernel before; the gates may come from that kernel, so they are read after);
+//   - the GEMV that opens the next branch (wqkv, w_gate_up) adds up those sums, computes the gates
+//     in every block, and combines its input x = sum_j h_pre_j y'_j as it stages it; one block more
+//     than the GEMV's runs the site's Sinkhorn iterations, for the write that closes the branch.
+// The first site's read and the last site's write (the merge) stay on hc_site_kernel. The math and the
+// roundings are the site kernel's: y' and x in bf16, everything else in fp32.
+
+__host__ __device__ constexpr int fold_sums(int n) { return 2 * n + n * n + 1; }  // W's rows, then |y'|^2
+
+// 1/x from the special function unit (rcp.approx.ftz, within 1 ulp): the folds' Sinkhorn takes 2n an
+// iteration, and with correctly rounded ones a write running the 20 iterations took 5.7 us longer
+// (results/int4.json: mhc_fold_sinkhorn_ab_2026_11_26).
+__device__ __forceinline__ float approx_rcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// H_res = sinkhorn(logits) for the folds, where the iterations' latency is what counts, not the
+// threads': one thread holds the N x N matrix in registers, so no sum needs a shuffle, and each half
+// iteration is N independent sums, reciprocals and scalings. The same iterates as `sinkhorn` above
+// (exp domain, rows scaled by their largest entry first).
+template <int N>
+__device__ __forceinline__ void fold_sinkhorn(const float* logits, int iters, float* h_res) {
+  float v[N][N];
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    float largest = logits[r * N];
+#pragma unroll
+    for (int c = 1; c < N; ++c) largest = fmaxf(largest, logits[r * N + c]);
+#pragma unroll
+    for (int c = 0; c < N; ++c) v[r][c] = expf(logits[r * N + c] - largest);
+  }
+#pragma unroll 2
+  for (int it = 0; it < iters; ++it) {
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+      float sum = v[r][0];
+#pragma unroll
+      for (int c = 1; c < N; ++c) sum += v[r][c];
+      const float inv = approx_rcp(sum);
+#pragma unroll
+      for (int c = 0; c < N; ++c) v[r][c] *= inv;
+    }
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+      float sum = v[0][c];
+#pragma unroll
+      for (int r = 1; r < N; ++r) sum += v[r][c];
+      const float inv = approx_rcp(sum);
+#pragma unroll
+      for (int r = 0; r < N; ++r) v[r][c] *= inv;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < N; ++r)
+#pragma unroll
+    for (int c = 0; c < N; ++c) h_res[r * N + c] = v[r][c];
+}
+
+// fold_sinkhorn for n streams (1, 2 or 4), run by the calling thread.
+__device__ __forceinline__ void fold_sinkhorn(const float* logits, int n, int iters, float* h_res) {
+  if (n == 4) return fold_sinkhorn<4>(logits, iters, h_res);
+  if (n == 2) return fold_sinkhorn<2>(logits, iters, h_res);
+  return fold_sinkhorn<1>(logits, iters, h_res);
+}
+
+// READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
+// Each sum is added up by kFoldSumLanes neighbouring lanes, each with all its loads in flight at once
+// (the sums are (S, blocks): a row of the GEMV before's blocks for each). The grid has one block more
+// than the GEMV's, the site block: it computes the gates too, stores h_post and the logits, runs
+// H_res's Sinkhorn iterations for the write that closes the branch (so that they are off that
+// GEMV's critical path) and stores H_res; it does no GEMV work (returns true).
+constexpr int kFoldSumLanes = 8;   // fold_sums(4) x 8 <= 256, the threads of the smallest GEMV block
+constexpr int kFoldSumLoads = 16;  // loads a lane has in flight: 128 blocks a round
+__device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold) {
+  const SiteFold& s = p.site;
+  const int n = s.n, S = fold_sums(n), t = threadIdx.x, q = t / kFoldSumLanes;
+  const bool site_block = blockIdx.x == gridDim.x - 1;
+  float* totals = fold;     // (S,)
+  float* h_pre = fold + S;  // (n,)
+  float sum = 0.f;
+  if (q < S)
+    for (int b0 = t % kFoldSumLanes; b0 < s.partial_blocks; b0 += kFoldSumLanes * kFoldSumLoads) {
+      float part[kFoldSumLoads];
+#pragma unroll
+      for (int k = 0; k < kFoldSumLoads; ++k) {
+        const int b = b0 + k * kFoldSumLanes;
+        part[k] = b < s.partial_blocks ? s.partials[q * s.partial_blocks + b] : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kFoldSumLoads; ++k) sum += part[k];
+    }
+#pragma unroll
+  for (int offset = kFoldSumLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (q < S && t % kFoldSumLanes == 0) totals[q] = sum;
+  __syncthreads();
+  if (t < n * n) {
+    const float inv_rms = rsqrtf(totals[S - 1] / (n * p.K) + s.eps);
+    const float a_pre = __bfloat162float(s.alpha[0]), a_post = __bfloat162float(s.alpha[1]),
+                a_res = __bfloat162float(s.alpha[2]);
+    if (t < n) {
+      h_pre[t] = sigmoid(a_pre * (totals[t] * inv_rms) + __bfloat162float(s.bias[t]));
+      if (site_block) s.h_post[t] = 2.f * sigmoid(a_post * (totals[n + t] * inv_rms) + __bfloat162float(s.bias[n + t]));
+    }
+    if (site_block) s.logits[t] = a_res * (totals[2 * n + t] * inv_rms) + __bfloat162float(s.bias[2 * n + t]);
+  }
+  __syncthreads();
+  if (site_block && t == 0) fold_sinkhorn(s.logits, n, s.iters, s.logits + n * n);  // its own stores
+  return site_block;
+}
+
+// READ: word j of the GEMV's input, x = sum_i h_pre_i y'_i (the streams summed in order), in bf16.
+__device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fold, int j, float* v) {
+  const int n = p.site.n;
+  const float* h_pre = fold + fold_sums(n);
+  float sum[8] = {};
+  for (int i = 0; i < n; ++i) {
+    float y[8];
+    bf16x8_to_float(p.x[i * (p.K / 8) + j], y);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] += h_pre[i] * y[e];
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = __bfloat162float(__float2bfloat16(sum[e]));
+}
+
+// WRITE, before the wait (written by earlier kernels, or parameters): the next site's W at the block's
+// columns and the old streams there. `fold`: w (S - 1, n, cols), y (n, cols), then fold_write's H_res
+// and y'.
+__device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fold, int col0, int cols) {
+  const SiteFold& s = p.site;
+  const int n = s.n, rows = fold_sums(n) - 1;
+  float* w = fold;
+  float* y = w + rows * n * cols;
+  for (int e = threadIdx.x; e < rows * n * cols; e += blockDim.x)  // W[q, i N + col0 + c] at (q, i, c)
+    w[e] = __bfloat162float(s.next_weight[static_cast<size_t>(e / cols) * p.N + col0 + e % cols]);
+  for (int e = threadIdx.x; e < n * cols; e += blockDim.x)
+    y[e] = __bfloat162float(s.streams[e / cols * s.stream_stride + col0 + e % cols]);
+}
+
+// WRITE, after the block stored its outputs (kStore): H_res (the read's site block left it, or thread 0
+// runs the iterations on the logits of a read that was not folded), y' at its columns, one thread
+// each, and the block's sums, kFoldSumLanes lanes a sum over y' in shared memory.
+__device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols) {
+  const SiteFold& s = p.site;
+  const int n = s.n, S = fold_sums(n), rows = S - 1, t = threadIdx.x;
+  const float* w = fold;
+  const float* y = w + rows * n * cols;
+  float* h = fold + rows * n * cols + n * cols;  // (n, n)
+  float* mixed = h + n * n;                      // y' (n, cols)
+  if (s.iters > 0) {
+    if (t == 0) fold_sinkhorn(s.write_res, n, s.iters, h);
+  } else if (t < n * n) {
+    h[t] = s.write_res[t];
+  }
+  __syncthreads();  // the block's outputs stored, H_res in shared memory
+  if (t < n * cols) {
+    const int i = t / cols, c = t % cols;
+    float kept = 0.f;
+    for (int k = 0; k < n; ++k) kept += h[i * n + k] * y[k * cols + c];
+    const __nv_bfloat16 stored = __float2bfloat16(kept + s.write_h_post[i] * __bfloat162float(p.y[col0 + c]));
+    s.new_streams[static_cast<size_t>(i) * p.N + col0 + c] = stored;
+    mixed[t] = __bfloat162float(stored);
+  }
+  __syncthreads();
+  const int q = t / kFoldSumLanes;  // W's row q of the next site (its share at these columns), or |y'|^2
+  float sum = 0.f;
+  if (q < S)
+    for (int e = t % kFoldSumLanes; e < n * cols; e += kFoldSumLanes)
+      sum += (q < rows ? w[q * n * cols + e] : mixed[e]) * mixed[e];
+#pragma unroll
+  for (int offset = kFoldSumLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (q < S && t % kFoldSumLanes == 0) s.new_partials[q * gridDim.x + blockIdx.x] = sum;  // (S, blocks)
+}
+
+// The shared memory (floats) a GEMV block of `cols` output columns adds for its fold.
+int fold_floats(const FoldParams& p, int cols) {
+  const int n = p.site.n, S = fold_sums(n);
+  return p.site.write ? (S - 1) * n * cols + 2 * n * cols + n * n : S + n;
+}
+
+// Sets p.site from the tensors of a read fold {partials, bias, alpha} (x: the streams (n, K)) or a
+// write fold {streams (n, N), h_post, H_res or logits, next_weight}, and returns the two outputs the
+// fold adds: h_post and (2, n^2) the logits and H_res (read: `iters` Sinkhorn iterations in the site
+// block), y' and the sums, (S, blocks) for its `blocks` blocks (write: with iters > 0 the write runs
+// them on logits, else takes H_res as it is).
+std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
+                                     const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
+                                     int blocks) {
+  SiteFold& s = p.site;
+  s.read = !read_site.empty(), s.write = !write_site.empty();
+  TORCH_CHECK(!(s.read && s.write), "a GEMV folds one site's read or one site's write");
+  const auto floats = x.options().dtype(torch::kFloat);
+  const torch::Tensor& streams = s.read ? x : write_site[0];
+  TORCH_CHECK(streams.dim() == 2 && streams.stride(1) == 1, "the streams: (n, C), C contiguous");
+  s.n = streams.size(0);
+  TORCH_CHECK(s.n == 1 || s.n == 2 || s.n == 4, "a folded site: 1, 2 or 4 streams");
+  const int S = fold_sums(s.n);
+  TORCH_CHECK(iters >= 0, "sinkhorn_iters: at least 0");
+  s.iters = static_cast<int>(iters);
+  if (s.read) {
+    TORCH_CHECK(read_site.size() == 3, "read_site: partials, bias, alpha");
+    const torch::Tensor& partials = read_site[0];
+    TORCH_CHECK(partials.scalar_type() == torch::kFloat && partials.is_contiguous() && partials.dim() == 2
+                    && partials.size(0) == S, "partials: contiguous fp32 (", S, ", blocks)");
+    s.partials = partials.data_ptr<float>(), s.partial_blocks = partials.size(1);
+    s.bias = bf16_of(read_site[1], S - 1, "bias"), s.alpha = bf16_of(read_site[2], 3, "alpha");
+    s.eps = static_cast<float>(eps);
+    TORCH_CHECK(iters > 0, "a folded read: its Sinkhorn iterations (sinkhorn_iters > 0)");
+    auto h_post = torch::empty({s.n}, floats), logits = torch::empty({2 * s.n * s.n}, floats);
+    s.h_post = h_post.data_ptr<float>(), s.logits = logits.data_ptr<float>();
+    return {h_post, logits};
+  }
+  TORCH_CHECK(write_site.size() == 4, "write_site: streams, h_post, H_res or logits, next_weight");
+  TORCH_CHECK(p.epilogue == kStore && streams.size(1) == p.N && streams.scalar_type() == torch::kBFloat16,
+              "a folded write: bf16 streams (n, N) after a plain GEMV");
+  s.streams = reinterpret_cast<const __nv_bfloat16*>(streams.data_ptr<at::BFloat16>());
+  s.stream_stride = streams.stride(0);
+  for (int g = 1; g <= 2; ++g)
+    TORCH_CHECK(write_site[g].scalar_type() == torch::kFloat && write_site[g].is_contiguous()
+                    && write_site[g].numel() == (g == 1 ? s.n : s.n * s.n), "h_post (n,), H_res (n * n,): fp32");
+  s.write_h_post = write_site[1].data_ptr<float>(), s.write_res = write_site[2].data_ptr<float>();
+  s.next_weight = bf16_of(write_site[3], static_cast<int64_t>(S - 1) * s.n * p.N, "next_weight");
+  auto new_streams = torch::empty({s.n, p.N}, x.options()), partials = torch::empty({S, blocks}, floats);
+  s.new_streams = reinterpret_cast<__nv_bfloat16*>(new_streams.data_ptr<at::BFloat16>());
+  s.new_partials = partials.data_ptr<float>();
+  return {new_streams, partials};
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, std::optional<torch::Tensor> out,

@@ -166,11 +166,14 @@ class HyperConnection(nn.Module):
         autocast). CUDA training of a diagonal or Sinkhorn site runs on the Triton kernels of fused_site.py;
         everything else on `_read`; decoding, on hc_site.cu's kernel (decode_site.py) where the Decoder
         turned it on. `ahead`: what the previous site's `write(..., next_site=self)` returned with y
-        (a decode_site.Read is this read, already done)."""
+        (a decode_site.Read is this read, already done; a decode_site.FoldedRead, this read left to
+        the branch's first int4 GEMV, which the branch then gets as its input)."""
         from hyperloop.model import decode_site
 
         if isinstance(ahead, decode_site.Read):
             return ahead
+        if isinstance(ahead, decode_site.FoldedRead):
+            return ahead, None  # the gates come with the branch's output (decode_site.Pending)
         if self.decode_kernel and decode_site.applies(y):
             return decode_site.read(self, y)
         if self.fused(y):
@@ -190,7 +193,7 @@ class HyperConnection(nn.Module):
             raise ValueError("write: merge (the last site) and next_site exclude each other")
         from hyperloop.model import decode_site
 
-        if isinstance(coeffs, decode_site.Gates):  # from the decode kernel's read
+        if isinstance(coeffs, decode_site.Gates) or isinstance(out, decode_site.Pending):  # decoding: decode_site.py
             return decode_site.write(self, y, out, coeffs, merge, next_site)
         if hasattr(coeffs, "stream"):  # from the fused read: fused_site.Coefficients
             from hyperloop.model import fused_site

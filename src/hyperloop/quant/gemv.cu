@@ -6,6 +6,9 @@
 //              y <- silu(gate) * up                      (w_gate_up, rows in (gate_i, up_i) pairs)
 //              q, k <- RoPE(q, k); k, v -> the KV cache  (wqkv, rows in (i, i + D/2) pairs per head)
 // and the layer's attention over the KV cache (decode_attention_kernel, at the end of the file).
+// For an mHC model, whose sub-layers are wrapped one by one in hyper-connection sites, the sites fold
+// into the GEMVs around a sub-layer (model/hc_site.cu: SiteFold): the first GEMV of a branch finishes
+// its site's read, and the last one does the site's write and starts the next site's read.
 //
 // Operands (gemv.py: operands):
 //   words (N, K/8) int32: row n's codes, K contiguous, eight a word, LSB first (code k in bits 4(k%8)..)
@@ -36,6 +39,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <type_traits>
 
 namespace {
 
@@ -53,6 +57,32 @@ constexpr int kSmallGridBlocksPerSM = 4;
 constexpr int kSmallGridWarps = 8, kLargeGridWarps = 16;
 
 enum Epilogue : int { kStore, kResidual, kSwiglu, kRopeCache };
+
+// An mHC site (Sinkhorn H_res, n <= 4 streams: fold_site checks) folded into a GEMV; hc_site.cu says how.
+struct SiteFold {
+  int n;  // streams
+  // READ, in the GEMV that opens a branch: x (n, K) holds the streams y', the GEMV's input is
+  // sum_j h_pre_j y'_j, and the gates come from the sums the blocks of the GEMV before left.
+  bool read;
+  const float* partials;  // (2n + n^2 + 1, partial_blocks)
+  int partial_blocks;
+  const __nv_bfloat16* bias;   // the site's (2n + n^2,)
+  const __nv_bfloat16* alpha;  // (3,)
+  float eps;                   // of the RMS over the streams (model/hyper.py: RMS_EPS)
+  float* h_post;               // out: (n,) the site's gates for its write,
+  float* logits;               // out: (2, n^2) its H_res logits, then H_res (the site block's iterations)
+  // WRITE, in the GEMV that closes a branch (kStore), out = its output:
+  //   y' = H_res y + h_post out, stored, and this block's share of the next site's W y' and |y'|^2.
+  bool write;
+  const __nv_bfloat16* streams;  // y (n, N), stream stride below (0: a broadcast)
+  int64_t stream_stride;
+  const float* write_h_post;     // (n,) the site's gates,
+  const float* write_res;        // (n^2,) and H_res, or with iters > 0 its logits (a read not folded)
+  int iters;                     // Sinkhorn iterations (READ: the site block's; WRITE: 0 or the site's)
+  const __nv_bfloat16* next_weight;  // (2n + n^2, nN) the next site's W
+  __nv_bfloat16* new_streams;    // out: y' (n, N)
+  float* new_partials;           // out: (2n + n^2 + 1, gridDim.x)
+};
 
 struct Params {
   const uint4* words;
@@ -73,10 +103,25 @@ struct Params {
   int heads, head_dim, cache_len;
 };
 
+// A GEMV's parameters with a site folded in: its own kernel instances, so that a plain GEMV keeps
+// the lean code and parameter block (with the fold in every instance, hyperloop-s int4 decode was 9%
+// slower, even where unused).
+struct FoldParams : Params {
+  SiteFold site;
+};
+
 __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
   const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
 #pragma unroll
   for (int s = 0; s < 8; ++s) out[s] = __bfloat162float(v[s]);
+}
+
+__device__ __forceinline__ uint4 bf16x8_of(const float* v) {
+  uint4 raw;
+  __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(&raw);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) out[s] = __float2bfloat16(v[s]);
+  return raw;
 }
 
 // The output pair (a, b) = rows (2 pair, 2 pair + 1) of the operands, to where the epilogue sends it.
@@ -113,6 +158,13 @@ __device__ __forceinline__ void finish_pair(const Params& p, int pair, float a, 
   }
 }
 
+// The site folds, defined with the site kernel (model/hc_site.cu, compiled after this file). `fold`:
+// the shared memory after x_pairs; the block's output columns are col0 .. col0 + cols - 1.
+__device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold);
+__device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fold, int j, float* v);
+__device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fold, int col0, int cols);
+__device__ __forceinline__ void fold_write(const FoldParams& p, float* fold, int col0, int cols);
+
 // Programmatic dependent launch (sm_90): wait until the kernel before has finished and its writes
 // are visible; let the kernel after start early. Both are no-ops on a plain launch.
 __device__ __forceinline__ void wait_for_previous_kernel() {
@@ -125,6 +177,15 @@ __device__ __forceinline__ void allow_next_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
+}
+
+// Word j (8 elements) of the GEMV's input: x's, or with a folded site read, the streams combined.
+template <typename P>
+__device__ __forceinline__ void load_x(const P& p, const float* fold, int j, float* v) {
+  if constexpr (std::is_same_v<P, FoldParams>) {
+    if (p.site.read) return fold_x_word(p, fold, j, v);
+  }
+  bf16x8_to_float(p.x[j], v);
 }
 
 // A warp's weights at chunk c (32 codes a row): the codes of its two rows and their group's grid.
@@ -145,30 +206,39 @@ __device__ __forceinline__ Chunk load_chunk(const Params& p, int row0, int c) {
   return chunk;
 }
 
-template <int SPLIT, bool SMALL_GRID>
-__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const Params p) {
+template <int SPLIT, bool SMALL_GRID, typename P>  // P: Params, or FoldParams for a folded site
+__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const P p) {
   constexpr int warps = SMALL_GRID ? kSmallGridWarps : kLargeGridWarps;
+  constexpr bool kFold = std::is_same_v<P, FoldParams>;
   extern __shared__ uint4 x_pairs[];  // K/8 entries, one per word: four f16x2 (x_s, x_{s+4}) * x_scale
   __shared__ float partial[warps][kRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, x_words = p.K / 8, chunks = p.K / 32;
   constexpr int pairs_per_block = warps / SPLIT, stride = 32 * SPLIT;
   const int row0 = (blockIdx.x * pairs_per_block + warp / SPLIT) * kRows;
+  float* fold = reinterpret_cast<float*>(x_pairs + x_words);  // a folded site's (see hc_site.cu)
+  const int col0 = blockIdx.x * pairs_per_block * kRows, cols = min(pairs_per_block * kRows, p.N - col0);
   int c = (warp % SPLIT) * 32 + lane;
   Chunk chunk{};
+  // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
+  // kernel before: requested while it may still be running; so are a folded write's operands.
+  if (SMALL_GRID && c < chunks) chunk = load_chunk(p, row0, c);
+  if constexpr (kFold)
+    if (p.site.write) fold_write_early(p, fold, col0, cols);
   if (SMALL_GRID) {
-    // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
-    // kernel before: requested while it may still be running.
-    if (c < chunks) chunk = load_chunk(p, row0, c);
     wait_for_previous_kernel();  // x and the residual are its results
     allow_next_kernel();
   }
+  if constexpr (kFold)
+    if (p.site.read && fold_read_gates(p, fold)) return;  // the site block
 
   float x_scale = 0.0625f;
   if (p.norm_weight != nullptr) {  // every block sums the squares of all of x itself: cheaper than a kernel
     float squares = 0.f;
     for (int j = threadIdx.x; j < x_words; j += warps * 32) {
       float v[8];
-      bf16x8_to_float(p.x[j], v);
+      load_x(p, fold, j, v);
+      if constexpr (kFold)
+        if (p.site.read) x_pairs[j] = bf16x8_of(v);  // the streams combined once: the staging reads it back
 #pragma unroll
       for (int s = 0; s < 8; ++s) squares += v[s] * v[s];
     }
@@ -183,7 +253,12 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   }
   for (int j = threadIdx.x; j < x_words; j += warps * 32) {
     float v[8], w[8];
-    bf16x8_to_float(p.x[j], v);
+    bool combined = false;  // by the pass above
+    if constexpr (kFold) combined = p.site.read && p.norm_weight != nullptr;
+    if (combined)
+      bf16x8_to_float(x_pairs[j], v);
+    else
+      load_x(p, fold, j, v);
     if (p.norm_weight != nullptr) bf16x8_to_float(p.norm_weight[j], w);
     uint4 staged;
     __half2* pairs = reinterpret_cast<__half2*>(&staged);
@@ -238,6 +313,8 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
       for (int r = 0; r < kRows; ++r) sums[r] += partial[threadIdx.x * SPLIT + s][r];
     finish_pair(p, pair, sums[0] * 16.f, sums[1] * 16.f);  // undo the 1/16 of x_scale
   }
+  if constexpr (kFold)
+    if (p.site.write) fold_write(p, fold, col0, cols);
 }
 
 template <typename T>
@@ -252,15 +329,16 @@ const __nv_bfloat16* bf16_of(const torch::Tensor& t, int64_t numel, const char* 
   return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr<at::BFloat16>());
 }
 
-// The parameters common to every epilogue, checked; the caller sets the epilogue's own.
+// The parameters common to every epilogue, checked; the caller sets the epilogue's own. x: (K,), or
+// the streams (n, K) of a site whose read the GEMV folds (`x_rows` n).
 Params gemv_params(const torch::Tensor& x, const torch::Tensor& words, const torch::Tensor& grid, int64_t group_size,
-                   const std::optional<torch::Tensor>& norm_weight, double eps) {
+                   const std::optional<torch::Tensor>& norm_weight, double eps, int64_t x_rows) {
   Params p{};
-  p.K = x.numel();
-  p.N = words.size(0);
-  bf16_of(x, p.K, "x");
-  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous() && words.size(1) * 8 == p.K,
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous() && words.dim() == 2,
               "words: contiguous int32 (N, K/8)");
+  p.K = words.size(1) * 8;
+  p.N = words.size(0);
+  bf16_of(x, x_rows * p.K, "x");
   TORCH_CHECK(p.K % 32 == 0 && group_size % 32 == 0 && p.K % group_size == 0 && p.N % 2 == 0,
               "K, group_size: multiples of 32; N even");
   TORCH_CHECK(grid.scalar_type() == torch::kHalf && grid.numel() == 2 * p.N * (p.K / group_size), "grid: fp16 (N, groups, 2)");
@@ -297,15 +375,14 @@ void launch_with(cudaLaunchConfig_t config, void (*kernel)(KernelParams), const 
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
-template <int SPLIT, bool SMALL_GRID>
-void launch_kernel(const Params& p, int smem, cudaStream_t stream, bool programmatic) {
-  constexpr int pairs_per_block = (SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) / SPLIT;
+template <int SPLIT, bool SMALL_GRID, typename P>
+void launch_kernel(const P& p, int blocks, int smem, cudaStream_t stream, bool programmatic) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((p.N / kRows + pairs_per_block - 1) / pairs_per_block);
-  config.blockDim = dim3(pairs_per_block * SPLIT * 32);
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  launch_with(config, int4_gemv_kernel<SPLIT, SMALL_GRID>, p, 1, programmatic);
+  launch_with(config, int4_gemv_kernel<SPLIT, SMALL_GRID, P>, p, 1, programmatic);
 }
 
 struct Device {
@@ -322,27 +399,65 @@ const Device& device_info(int device) {  // asked once per device
   return d;
 }
 
-template <int SPLIT>
-void launch_split(const Params& p, int smem, cudaStream_t stream, int device) {
-  const Device& d = device_info(device);
-  constexpr int small_pairs_per_block = kSmallGridWarps / SPLIT;
-  const int small_blocks = (p.N / kRows + small_pairs_per_block - 1) / small_pairs_per_block;
-  if (small_blocks <= kSmallGridBlocksPerSM * d.sms)
-    launch_kernel<SPLIT, true>(p, smem, stream, d.major >= 9);
-  else
-    launch_kernel<SPLIT, false>(p, smem, stream, false);
+// The grid of a GEMV with N rows and `split`: small (launched early) or large, see kSmallGridBlocksPerSM.
+struct Grid {
+  int blocks, warps;
+  bool small;
+};
+
+Grid gemv_grid(int N, int split, int device) {
+  TORCH_CHECK(split == 1 || split == 2 || split == 4, "split must be 1, 2 or 4");
+  const auto blocks = [&](int warps) { return (N / kRows + warps / split - 1) / (warps / split); };
+  if (blocks(kSmallGridWarps) <= kSmallGridBlocksPerSM * device_info(device).sms)
+    return {blocks(kSmallGridWarps), kSmallGridWarps, true};
+  return {blocks(kLargeGridWarps), kLargeGridWarps, false};
 }
 
-void launch(const Params& p, int64_t split, const torch::Tensor& x) {
+template <int SPLIT, typename P>
+void launch_split(const P& p, const Grid& g, int smem, cudaStream_t stream, int device) {
+  if (g.small)
+    launch_kernel<SPLIT, true>(p, g.blocks, smem, stream, device_info(device).major >= 9);
+  else
+    launch_kernel<SPLIT, false>(p, g.blocks, smem, stream, false);
+}
+
+int fold_floats(const FoldParams& p, int cols);  // hc_site.cu
+
+template <typename P>
+void launch(const P& p, int64_t split, const torch::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int smem = p.K / 8 * sizeof(uint4);
-  switch (split) {
-    case 1: launch_split<1>(p, smem, stream, x.get_device()); break;
-    case 2: launch_split<2>(p, smem, stream, x.get_device()); break;
-    case 4: launch_split<4>(p, smem, stream, x.get_device()); break;
-    default: TORCH_CHECK(false, "split must be 1, 2 or 4");
+  Grid g = gemv_grid(p.N, split, x.get_device());
+  int smem = p.K / 8 * sizeof(uint4);
+  if constexpr (std::is_same_v<P, FoldParams>) {
+    smem += fold_floats(p, kRows * g.warps / split) * sizeof(float);
+    g.blocks += p.site.read;  // the site block (hc_site.cu: fold_read_gates)
   }
+  switch (split) {
+    case 1: launch_split<1>(p, g, smem, stream, x.get_device()); break;
+    case 2: launch_split<2>(p, g, smem, stream, x.get_device()); break;
+    default: launch_split<4>(p, g, smem, stream, x.get_device()); break;
+  }
+}
+
+std::vector<torch::Tensor> fold_site(FoldParams& p, const torch::Tensor& x, const std::vector<torch::Tensor>& read_site,
+                                     const std::vector<torch::Tensor>& write_site, double eps, int64_t iters,
+                                     int blocks);  // hc_site.cu
+
+// Launches p's GEMV, with an mHC site's read or write folded in when read_site or write_site is given
+// (hc_site.cu: fold_site); returns the two outputs the fold adds, or two empty tensors.
+std::vector<torch::Tensor> launch_folding(const Params& p, int64_t split, const torch::Tensor& x,
+                                          const std::vector<torch::Tensor>& read_site,
+                                          const std::vector<torch::Tensor>& write_site, double eps, int64_t iters) {
+  if (read_site.empty() && write_site.empty()) {
+    launch(p, split, x);
+    return {torch::empty({0}, x.options()), torch::empty({0}, x.options())};  // distinct, as a custom op's outputs must be
+  }
+  FoldParams folded{};
+  static_cast<Params&>(folded) = p;
+  auto outputs = fold_site(folded, x, read_site, write_site, eps, iters, gemv_grid(p.N, split, x.get_device()).blocks);
+  launch(folded, split, x);
+  return outputs;
 }
 
 // ---- The layer's attention: one query a row over the KV cache (int4_block.py, between wqkv and wo) ----
@@ -503,10 +618,13 @@ void launch_attention(const AttnParams& p, int batch, int blocks, cudaStream_t s
 
 }  // namespace
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size, int64_t split,
-                        std::optional<torch::Tensor> norm_weight, double eps, std::optional<torch::Tensor> residual,
-                        bool swiglu) {
-  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
+// y, then the two outputs a folded mHC site adds (hc_site.cu: fold_site), or two empty tensors.
+std::vector<torch::Tensor> int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,
+                                     int64_t split, std::optional<torch::Tensor> norm_weight, double eps,
+                                     std::optional<torch::Tensor> residual, bool swiglu,
+                                     std::vector<torch::Tensor> read_site, std::vector<torch::Tensor> write_site,
+                                     double site_eps, int64_t sinkhorn_iters) {
+  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps, read_site.empty() ? 1 : x.size(0));
   TORCH_CHECK(!(swiglu && residual.has_value()), "swiglu and residual do not go together");
   auto y = torch::empty({swiglu ? p.N / 2 : p.N}, x.options());
   p.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
@@ -515,15 +633,20 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid
     p.residual = bf16_of(*residual, p.N, "residual");
     p.epilogue = kResidual;
   }
-  launch(p, split, x);
-  return y;
+  auto outputs = launch_folding(p, split, x, read_site, write_site, site_eps, sinkhorn_iters);
+  outputs.insert(outputs.begin(), y);
+  return outputs;
 }
 
-torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,
-                                   int64_t split, std::optional<torch::Tensor> norm_weight, double eps, torch::Tensor cos,
-                                   torch::Tensor sin, torch::Tensor position, torch::Tensor k_cache, torch::Tensor v_cache,
-                                   torch::Tensor column) {
-  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps);
+// q, then with read_site (an mHC site's read folded in, x its streams) that site's h_post and (2, n^2) logits and H_res,
+// else two empty tensors.
+std::vector<torch::Tensor> int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::Tensor grid,
+                                                int64_t group_size, int64_t split, std::optional<torch::Tensor> norm_weight,
+                                                double eps, torch::Tensor cos, torch::Tensor sin, torch::Tensor position,
+                                                torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column,
+                                                std::vector<torch::Tensor> read_site, double site_eps,
+                                                int64_t sinkhorn_iters) {
+  Params p = gemv_params(x, words, grid, group_size, norm_weight, eps, read_site.empty() ? 1 : x.size(0));
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes()
                   && v_cache.is_contiguous(), "k_cache, v_cache: contiguous (1, heads, cache_len, head_dim)");
   p.heads = k_cache.size(1);
@@ -544,8 +667,9 @@ torch::Tensor int4_gemv_rope_cache(torch::Tensor x, torch::Tensor words, torch::
   p.position = position.data_ptr<int64_t>();
   p.column = column.data_ptr<int64_t>();
   p.epilogue = kRopeCache;
-  launch(p, split, x);
-  return q;
+  auto outputs = launch_folding(p, split, x, read_site, {}, site_eps, sinkhorn_iters);
+  outputs.insert(outputs.begin(), q);
+  return outputs;
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pad,

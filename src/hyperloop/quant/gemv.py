@@ -25,6 +25,7 @@ import torch
 MAX_IN_FEATURES = 16 * 1024  # x is staged in shared memory, 2 bytes an input: 32 KB of the 48 a block gets
 GRID_WARPS = 2048  # warps the split over K may fill the grid up to
 ROWS_PER_WARP = 2  # gemv.cu's kRows
+SMALL_GRID_WARPS, LARGE_GRID_WARPS, SMALL_GRID_BLOCKS_PER_SM = 8, 16, 4  # gemv.cu's
 
 
 @cache
@@ -42,10 +43,13 @@ def extension():
              "std::optional<torch::Tensor> norm_weight, double eps"  # fmt: skip
     optional = ", ".join(f"std::optional<torch::Tensor> {name}"
                          for name in ("out", "h_post", "h_res", "embedding", "weight", "bias", "alpha"))  # fmt: skip
+    sites = "std::vector<torch::Tensor> read_site"
     declarations = (
-        f"torch::Tensor int4_gemv({common}, std::optional<torch::Tensor> residual, bool swiglu);\n"
-        f"torch::Tensor int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, torch::Tensor position, "
-        "torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column);\n"
+        f"std::vector<torch::Tensor> int4_gemv({common}, std::optional<torch::Tensor> residual, bool swiglu, "
+        f"{sites}, std::vector<torch::Tensor> write_site, double site_eps, int64_t sinkhorn_iters);\n"
+        f"std::vector<torch::Tensor> int4_gemv_rope_cache({common}, torch::Tensor cos, torch::Tensor sin, "
+        f"torch::Tensor position, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor column, {sites}, "
+        "double site_eps, int64_t sinkhorn_iters);\n"
         "torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
         "torch::Tensor pad, torch::Tensor column);\n"
         f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge, int64_t sinkhorn_iters);"
@@ -111,7 +115,8 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_si
     """y = W_hat x for one row x (K,) bf16: (N,), or with `residual` (N,) residual + W_hat x, or with
     `swiglu` silu(gate) * up of the (gate, up) row pairs, (N/2,). With `norm_weight`, x is replaced
     first by RMSNorm(x) * norm_weight (epsilon `eps`). A custom op, so torch.compile keeps it as one call."""
-    return extension().int4_gemv(aligned(x), words, grid, group_size, split, norm_weight, eps, residual, swiglu)
+    return extension().int4_gemv(aligned(x), words, grid, group_size, split, norm_weight, eps, residual, swiglu,
+                                 [], [], 0.0, 0)[0]  # fmt: skip
 
 
 @int4_gemv.register_fake
@@ -119,24 +124,71 @@ def _(x, words, grid, group_size, split, norm_weight=None, eps=0.0, residual=Non
     return x.new_empty(words.shape[0] // 2 if swiglu else words.shape[0])
 
 
+@torch.library.custom_op("hyperloop::int4_gemv_sites", mutates_args=())
+def int4_gemv_sites(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int,
+                    norm_weight: torch.Tensor | None, eps: float, swiglu: bool, read_site: list[torch.Tensor],
+                    write_site: list[torch.Tensor], site_eps: float,
+                    sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """int4_gemv with an mHC site folded in (model/hc_site.cu; model/decode_site.py drives it), the
+    GEMV's output first. `read_site` [partials, bias, alpha]: the site's read, x then its streams
+    y' (n, K) and the GEMV's input sum_j h_pre_j y'_j; adds the site's h_post (n,), and its H_res
+    logits then H_res after `sinkhorn_iters` iterations (2 * n * n,). `write_site` [streams (n, N),
+    h_post, H_res, next site's weight]: the site's write on the GEMV's output, adding y' (n, N) and the
+    blocks' sums for the next site's read; with sinkhorn_iters > 0 it takes H_res's logits instead (a
+    read that was not folded) and runs the iterations itself."""
+    return tuple(extension().int4_gemv(aligned(x), words, grid, group_size, split, norm_weight, eps, None, swiglu,
+                                       read_site, write_site, site_eps, sinkhorn_iters))  # fmt: skip
+
+
+@int4_gemv_sites.register_fake
+def _(x, words, grid, group_size, split, norm_weight, eps, swiglu, read_site, write_site, site_eps, sinkhorn_iters):
+    rows = words.shape[0]
+    return x.new_empty(rows // 2 if swiglu else rows), *_fake_site_outputs(x, rows, split, read_site, write_site)
+
+
+def _fake_site_outputs(x, rows: int, split: int, read_site: list, write_site: list) -> tuple:
+    """The two outputs a folded site adds after a GEMV's of `rows` rows (int4_gemv_sites), for the fakes."""
+    if read_site:
+        n = x.shape[0]
+        return x.new_empty(n, dtype=torch.float32), x.new_empty(2 * n * n, dtype=torch.float32)
+    if write_site:
+        n = write_site[0].shape[0]
+        sums = 2 * n + n * n + 1
+        return x.new_empty(n, rows), x.new_empty(sums, grid_blocks(rows, split, x.device), dtype=torch.float32)
+    return x.new_empty(0), x.new_empty(0)
+
+
+def grid_blocks(out_features: int, split: int, device: torch.device) -> int:
+    """The blocks of gemv.cu's grid (gemv_grid) for a matrix of out_features rows: a small grid of
+    8-warp blocks where it fits 4 blocks an SM, else 16-warp blocks (a folded write leaves a row of
+    sums a block, which the fake above must size)."""
+    pairs, sms = out_features // ROWS_PER_WARP, torch.cuda.get_device_properties(device).multi_processor_count
+    small = -(-pairs // (SMALL_GRID_WARPS // split))
+    return small if small <= SMALL_GRID_BLOCKS_PER_SM * sms else -(-pairs // (LARGE_GRID_WARPS // split))
+
+
 @torch.library.custom_op("hyperloop::int4_gemv_rope_cache", mutates_args=("k_cache", "v_cache"))
 def int4_gemv_rope_cache(x: torch.Tensor, words: torch.Tensor, grid: torch.Tensor, group_size: int, split: int,
                          norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                          position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         column: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                         column: torch.Tensor, read_site: list[torch.Tensor], site_eps: float,
+                         sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The q|k|v projection of one token (rows in rope_pairs order) with RMSNorm before it: returns q
     (heads * head_dim,) after RoPE, and writes k (after RoPE) and v into column `column` (a 0-d int64
     on the device) of k_cache and v_cache (1, heads, cache_len, head_dim). cos, sin: the RoPE tables
     (positions, head_dim / 2) fp32, read at row `position` (one int64 on the device): the kernel
     indexes them itself, since a compiled step gathering the row for every layer's call made a
-    copy per call."""
-    return extension().int4_gemv_rope_cache(aligned(x), words, grid, group_size, split, norm_weight, eps, cos, sin,
-                                            position, k_cache, v_cache, column)  # fmt: skip
+    copy per call. `read_site` (empty: none): an mHC site's read folded in, as in int4_gemv_sites; the
+    site's h_post and H_res logits and H_res follow q (two empty tensors without)."""
+    return tuple(extension().int4_gemv_rope_cache(aligned(x), words, grid, group_size, split, norm_weight, eps, cos,
+                                                  sin, position, k_cache, v_cache, column, read_site, site_eps,
+                                                  sinkhorn_iters))  # fmt: skip
 
 
 @int4_gemv_rope_cache.register_fake
-def _(x, words, grid, group_size, split, norm_weight, eps, cos, sin, position, k_cache, v_cache, column):
-    return x.new_empty(words.shape[0] // 3)
+def _(x, words, grid, group_size, split, norm_weight, eps, cos, sin, position, k_cache, v_cache, column, read_site,
+      site_eps, sinkhorn_iters):  # fmt: skip
+    return x.new_empty(words.shape[0] // 3), *_fake_site_outputs(x, words.shape[0], split, read_site, [])
 
 
 ATTENTION_HEAD_DIMS = (64, 128)  # decode_attention's
