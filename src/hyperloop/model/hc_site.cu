@@ -261,6 +261,20 @@ __device__ __forceinline__ float approx_rcp(float x) {
   return r;
 }
 
+// Each row (kRows) or each column of v scaled to sum to 1.
+template <int N, bool kRows>
+__device__ __forceinline__ void normalize_lines(float (&v)[N][N]) {
+#pragma unroll
+  for (int a = 0; a < N; ++a) {
+    float sum = 0.f;
+#pragma unroll
+    for (int b = 0; b < N; ++b) sum += kRows ? v[a][b] : v[b][a];
+    const float inv = approx_rcp(sum);
+#pragma unroll
+    for (int b = 0; b < N; ++b) (kRows ? v[a][b] : v[b][a]) *= inv;
+  }
+}
+
 // H_res = sinkhorn(logits) for the folds, where the iterations' latency is what counts, not the
 // threads': one thread holds the N x N matrix in registers, so no sum needs a shuffle, and each half
 // iteration is N independent sums, reciprocals and scalings. The same iterates as `sinkhorn` above
@@ -278,24 +292,8 @@ __device__ __forceinline__ void fold_sinkhorn(const float* logits, int iters, fl
   }
 #pragma unroll 2
   for (int it = 0; it < iters; ++it) {
-#pragma unroll
-    for (int r = 0; r < N; ++r) {
-      float sum = v[r][0];
-#pragma unroll
-      for (int c = 1; c < N; ++c) sum += v[r][c];
-      const float inv = approx_rcp(sum);
-#pragma unroll
-      for (int c = 0; c < N; ++c) v[r][c] *= inv;
-    }
-#pragma unroll
-    for (int c = 0; c < N; ++c) {
-      float sum = v[0][c];
-#pragma unroll
-      for (int r = 1; r < N; ++r) sum += v[r][c];
-      const float inv = approx_rcp(sum);
-#pragma unroll
-      for (int r = 0; r < N; ++r) v[r][c] *= inv;
-    }
+    normalize_lines<N, true>(v);   // rows
+    normalize_lines<N, false>(v);  // then columns
   }
 #pragma unroll
   for (int r = 0; r < N; ++r)
@@ -359,10 +357,16 @@ __device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold
 __device__ __forceinline__ void fold_x_word(const FoldParams& p, const float* fold, int j, float* v) {
   const int n = p.site.n;
   const float* h_pre = fold + fold_sums(n);
+  uint4 words[4];  // all n loads in flight at once
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if (i < n) words[i] = p.x[i * (p.K / 8) + j];
   float sum[8] = {};
-  for (int i = 0; i < n; ++i) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (i == n) break;
     float y[8];
-    bf16x8_to_float(p.x[i * (p.K / 8) + j], y);
+    bf16x8_to_float(words[i], y);
 #pragma unroll
     for (int e = 0; e < 8; ++e) sum[e] += h_pre[i] * y[e];
   }

@@ -206,8 +206,28 @@ __device__ __forceinline__ Chunk load_chunk(const Params& p, int row0, int c) {
   return chunk;
 }
 
+// Asks L2 for the warp's weights from chunk c on (no registers held): for a GEMV whose work before
+// its first weights is long, so that their trip from memory overlaps it (in a plain GEMV, whose work
+// before them is short, it made mhc-m's wqkv slower: 4.9 -> 6.9 us on an H100).
+__device__ __forceinline__ void prefetch_chunks(const Params& p, int row0, int c, int stride) {
+  const int chunks = p.K / 32, groups = p.K / p.group_size;
+  for (; c < chunks; c += stride)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = min(row0 + r, p.N - 1);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(p.words + static_cast<size_t>(row) * chunks + c));
+      if (c % (p.group_size / 32) == 0)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.grid + static_cast<size_t>(row) * groups + c / (p.group_size / 32)));
+    }
+}
+
+// A folded site's instances are held to the registers that keep every block of its grids resident
+// at once: 4 blocks of 8 warps an SM (a small grid, as a plain one's are), 3 of 16 (mhc-m's folded
+// w_gate_up, 352 blocks, took 55 registers and ran in two waves: 12.9 us, capped 10.3).
 template <int SPLIT, bool SMALL_GRID, typename P>  // P: Params, or FoldParams for a folded site
-__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32) int4_gemv_kernel(const P p) {
+__global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarps) * 32,
+                                  std::is_same_v<P, FoldParams> ? (SMALL_GRID ? kSmallGridBlocksPerSM : 3) : 0)
+    int4_gemv_kernel(const P p) {
   constexpr int warps = SMALL_GRID ? kSmallGridWarps : kLargeGridWarps;
   constexpr bool kFold = std::is_same_v<P, FoldParams>;
   extern __shared__ uint4 x_pairs[];  // K/8 entries, one per word: four f16x2 (x_s, x_{s+4}) * x_scale
@@ -222,11 +242,16 @@ __global__ void __launch_bounds__((SMALL_GRID ? kSmallGridWarps : kLargeGridWarp
   // The warp's first weights (at K = 1024 and SPLIT 1 all that a lane reads) do not depend on the
   // kernel before: requested while it may still be running; so are a folded write's operands.
   if (SMALL_GRID && c < chunks) chunk = load_chunk(p, row0, c);
-  if constexpr (kFold)
+  if constexpr (kFold) {
+    // A folded read computes its gates before its weights: the rest of them (half a lane's at
+    // K = 2048) are asked of L2 now. mhc-m's wqkv 10.4 -> 7.4 us on an H100; on a large grid it was
+    // slower (results/int4.json: mhc_fold_m_2026_11_27).
+    if (SMALL_GRID && p.site.read) prefetch_chunks(p, row0, c + stride, stride);
     if (p.site.write) fold_write_early(p, fold, col0, cols);
-  if (SMALL_GRID) {
+  }
+  if (SMALL_GRID || kFold) {  // (a no-op after a plain launch)
     wait_for_previous_kernel();  // x and the residual are its results
-    allow_next_kernel();
+    if (SMALL_GRID) allow_next_kernel();
   }
   if constexpr (kFold)
     if (p.site.read && fold_read_gates(p, fold)) return;  // the site block
@@ -413,12 +438,20 @@ Grid gemv_grid(int N, int split, int device) {
   return {blocks(kLargeGridWarps), kLargeGridWarps, false};
 }
 
+// A large grid is launched plainly (see kSmallGridBlocksPerSM), but for a folded read, whose work
+// before its weights is long enough that an early start pays.
+template <typename P>
+bool large_grid_early(const P& p) {
+  if constexpr (std::is_same_v<P, FoldParams>) return p.site.read;
+  return false;
+}
+
 template <int SPLIT, typename P>
 void launch_split(const P& p, const Grid& g, int smem, cudaStream_t stream, int device) {
   if (g.small)
     launch_kernel<SPLIT, true>(p, g.blocks, smem, stream, device_info(device).major >= 9);
   else
-    launch_kernel<SPLIT, false>(p, g.blocks, smem, stream, false);
+    launch_kernel<SPLIT, false>(p, g.blocks, smem, stream, large_grid_early(p) && device_info(device).major >= 9);
 }
 
 int fold_floats(const FoldParams& p, int cols);  // hc_site.cu
