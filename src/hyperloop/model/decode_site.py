@@ -26,7 +26,7 @@ without autograd. With the Sinkhorn kernel a compiled mhc-s bf16 step makes 1,07
 
 Next to the fused int4 layers of an mHC model (infer/int4_block.py, one row) the sites between two
 sub-layers go further: they fold into the GEMVs around them (hc_site.cu: SiteFold), and cost no
-kernel: mhc-s int4 2,194 tok/s (2.03x), mhc-m 1,251 (1.97x). The branch returns its output
+kernel: mhc-s int4 2,271 tok/s (2.10x), mhc-m 1,285 (2.02x). The branch returns its output
 `Pending`, its last GEMV not yet run; the site's write runs that GEMV with the write folded in,
 which also leaves the next site's sums, and hands the next read a `FoldedRead`, which the branch's
 first GEMV finishes. Only the first read and the last write (the merge) stay kernels of their own.

@@ -309,34 +309,37 @@ __device__ __forceinline__ void fold_sinkhorn(const float* logits, int n, int it
 }
 
 // READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
-// Each sum is added up by kFoldSumLanes neighbouring lanes, each with all its loads in flight at once
-// (the sums are (S, blocks): a row of the GEMV before's blocks for each). The grid has one block more
-// than the GEMV's, the site block: it computes the gates too, stores h_post and the logits, runs
-// H_res's Sinkhorn iterations for the write that closes the branch (so that they are off that
+// The sums are (S, blocks), a row of the GEMV before's blocks for each; a warp adds up a row, each
+// lane with all its loads in flight at once. The GEMV's blocks need only h_pre and the RMS: n + 1 of
+// the S rows (adding up all 25 of 256 blocks made mhc-m's wqkv 8.8 us against 7.3 with one block's
+// sums; the 5 it needs, 7.4: results/int4.json, mhc_fold_read_sums_2026_11_27). The grid
+// has one block more than the GEMV's, the site block: it adds up all S, stores h_post and the logits,
+// runs H_res's Sinkhorn iterations for the write that closes the branch (so that they are off that
 // GEMV's critical path) and stores H_res; it does no GEMV work (returns true).
-constexpr int kFoldSumLanes = 8;   // fold_sums(4) x 8 <= 256, the threads of the smallest GEMV block
-constexpr int kFoldSumLoads = 16;  // loads a lane has in flight: 128 blocks a round
+constexpr int kFoldSumLoads = 8;  // a lane's loads in flight: 256 blocks a round
 __device__ __forceinline__ bool fold_read_gates(const FoldParams& p, float* fold) {
   const SiteFold& s = p.site;
-  const int n = s.n, S = fold_sums(n), t = threadIdx.x, q = t / kFoldSumLanes;
+  const int n = s.n, S = fold_sums(n), t = threadIdx.x, lane = t % 32, warps = blockDim.x / 32;
   const bool site_block = blockIdx.x == gridDim.x - 1;
   float* totals = fold;     // (S,)
   float* h_pre = fold + S;  // (n,)
-  float sum = 0.f;
-  if (q < S)
-    for (int b0 = t % kFoldSumLanes; b0 < s.partial_blocks; b0 += kFoldSumLanes * kFoldSumLoads) {
+  for (int i = t / 32; i < (site_block ? S : n + 1); i += warps) {
+    const int q = site_block || i < n ? i : S - 1;  // W's rows for h_pre, then |y'|^2
+    float sum = 0.f;
+    for (int b0 = lane; b0 < s.partial_blocks; b0 += 32 * kFoldSumLoads) {
       float part[kFoldSumLoads];
 #pragma unroll
       for (int k = 0; k < kFoldSumLoads; ++k) {
-        const int b = b0 + k * kFoldSumLanes;
+        const int b = b0 + 32 * k;
         part[k] = b < s.partial_blocks ? s.partials[q * s.partial_blocks + b] : 0.f;
       }
 #pragma unroll
       for (int k = 0; k < kFoldSumLoads; ++k) sum += part[k];
     }
 #pragma unroll
-  for (int offset = kFoldSumLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (q < S && t % kFoldSumLanes == 0) totals[q] = sum;
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) totals[q] = sum;
+  }
   __syncthreads();
   if (t < n * n) {
     const float inv_rms = rsqrtf(totals[S - 1] / (n * p.K) + s.eps);
@@ -387,6 +390,8 @@ __device__ __forceinline__ void fold_write_early(const FoldParams& p, float* fol
   for (int e = threadIdx.x; e < n * cols; e += blockDim.x)
     y[e] = __bfloat162float(s.streams[e / cols * s.stream_stride + col0 + e % cols]);
 }
+
+constexpr int kFoldSumLanes = 8;  // fold_write's lanes a sum: fold_sums(4) x 8 <= 256, the smallest GEMV block
 
 // WRITE, after the block stored its outputs (kStore): H_res (the read's site block left it, or thread 0
 // runs the iterations on the logits of a read that was not folded), y' at its columns, one thread

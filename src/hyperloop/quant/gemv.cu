@@ -41,6 +41,8 @@
 #include <optional>
 #include <type_traits>
 
+int64_t fold_sum_sets(int64_t N, int64_t split, int64_t device);  // after the launches
+
 namespace {
 
 constexpr int kRows = 2;   // outputs a warp: one pair
@@ -488,7 +490,7 @@ std::vector<torch::Tensor> launch_folding(const Params& p, int64_t split, const 
   }
   FoldParams folded{};
   static_cast<Params&>(folded) = p;
-  auto outputs = fold_site(folded, x, read_site, write_site, eps, iters, gemv_grid(p.N, split, x.get_device()).blocks);
+  auto outputs = fold_site(folded, x, read_site, write_site, eps, iters, fold_sum_sets(p.N, split, x.get_device()));
   launch(folded, split, x);
   return outputs;
 }
@@ -650,6 +652,9 @@ void launch_attention(const AttnParams& p, int batch, int blocks, cudaStream_t s
 }
 
 }  // namespace
+
+// The sets of sums a folded write of an N-row GEMV leaves, one a block; gemv.py's fakes ask it too.
+int64_t fold_sum_sets(int64_t N, int64_t split, int64_t device) { return gemv_grid(N, split, device).blocks; }
 
 // y, then the two outputs a folded mHC site adds (hc_site.cu: fold_site), or two empty tensors.
 std::vector<torch::Tensor> int4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor grid, int64_t group_size,

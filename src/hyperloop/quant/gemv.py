@@ -25,7 +25,6 @@ import torch
 MAX_IN_FEATURES = 16 * 1024  # x is staged in shared memory, 2 bytes an input: 32 KB of the 48 a block gets
 GRID_WARPS = 2048  # warps the split over K may fill the grid up to
 ROWS_PER_WARP = 2  # gemv.cu's kRows
-SMALL_GRID_WARPS, LARGE_GRID_WARPS, SMALL_GRID_BLOCKS_PER_SM = 8, 16, 4  # gemv.cu's
 
 
 @cache
@@ -52,14 +51,15 @@ def extension():
         "double site_eps, int64_t sinkhorn_iters);\n"
         "torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, "
         "torch::Tensor pad, torch::Tensor column);\n"
-        f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge, int64_t sinkhorn_iters);"
+        f"std::vector<torch::Tensor> hc_site_decode(torch::Tensor y, {optional}, double eps, bool merge, int64_t sinkhorn_iters);\n"
+        "int64_t fold_sum_sets(int64_t rows, int64_t split, int64_t device);"
     )
     package = Path(__file__).parents[1]
     try:
         sources = [(package / name).read_text() for name in ("quant/gemv.cu", "model/hc_site.cu")]
         return cpp_extension.load_inline("hyperloop_decode_kernels", declarations, cuda_sources=sources,
                                          functions=["int4_gemv", "int4_gemv_rope_cache", "decode_attention",
-                                                    "hc_site_decode"], extra_cuda_cflags=["-O3"])  # fmt: skip
+                                                    "hc_site_decode", "fold_sum_sets"], extra_cuda_cflags=["-O3"])  # fmt: skip
     except Exception as error:  # a broken toolkit must not stop decoding: tinygemm still works
         warnings.warn(f"the CUDA decode kernels did not build, using tinygemm instead: {error}", stacklevel=2)
         return None
@@ -154,17 +154,9 @@ def _fake_site_outputs(x, rows: int, split: int, read_site: list, write_site: li
     if write_site:
         n = write_site[0].shape[0]
         sums = 2 * n + n * n + 1
-        return x.new_empty(n, rows), x.new_empty(sums, grid_blocks(rows, split, x.device), dtype=torch.float32)
+        sets = extension().fold_sum_sets(rows, split, x.device.index)  # a set a block of the GEMV
+        return x.new_empty(n, rows), x.new_empty(sums, sets, dtype=torch.float32)
     return x.new_empty(0), x.new_empty(0)
-
-
-def grid_blocks(out_features: int, split: int, device: torch.device) -> int:
-    """The blocks of gemv.cu's grid (gemv_grid) for a matrix of out_features rows: a small grid of
-    8-warp blocks where it fits 4 blocks an SM, else 16-warp blocks (a folded write leaves a row of
-    sums a block, which the fake above must size)."""
-    pairs, sms = out_features // ROWS_PER_WARP, torch.cuda.get_device_properties(device).multi_processor_count
-    small = -(-pairs // (SMALL_GRID_WARPS // split))
-    return small if small <= SMALL_GRID_BLOCKS_PER_SM * sms else -(-pairs // (LARGE_GRID_WARPS // split))
 
 
 @torch.library.custom_op("hyperloop::int4_gemv_rope_cache", mutates_args=("k_cache", "v_cache"))
