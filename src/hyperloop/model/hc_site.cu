@@ -310,10 +310,10 @@ __device__ __forceinline__ void fold_sinkhorn(const float* logits, int n, int it
 
 // READ, after the wait: the gates from the GEMV before's sums; h_pre stays in `fold` for fold_x_word.
 // The sums are (S, blocks), a row of the GEMV before's blocks for each; a warp adds up a row, each
-// lane with all its loads in flight at once. The GEMV's blocks need only h_pre and the RMS: n + 1 of
-// the S rows (adding up all 25 of 256 blocks made mhc-m's wqkv 8.8 us against 7.3 with one block's
-// sums; the 5 it needs, 7.4: results/int4.json, mhc_fold_read_sums_2026_11_27). The grid
-// has one block more than the GEMV's, the site block: it adds up all S, stores h_post and the logits,
+// lane with all its loads in flight at once. The GEMV's blocks need only h_pre and the RMS, n + 1 of
+// the S rows: adding up all 25 rows of 256 blocks made mhc-m's wqkv 8.8 us against 7.3 with one
+// block's sums, the 5 it needs 7.4 (results/int4.json: mhc_fold_read_sums_2026_11_27). The grid has
+// one block more than the GEMV's, the site block: it adds up all S, stores h_post and the logits,
 // runs H_res's Sinkhorn iterations for the write that closes the branch (so that they are off that
 // GEMV's critical path) and stores H_res; it does no GEMV work (returns true).
 constexpr int kFoldSumLoads = 8;  // a lane's loads in flight: 256 blocks a round
